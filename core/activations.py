@@ -1,0 +1,81 @@
+"""Activation functions, each written as its formula with TensorFlow ops.
+
+Every function maps a tensor x of any shape to a tensor of the same shape (softmax normalises along `axis`).
+They are written so that they never overflow and their gradients stay finite for any finite x.
+"""
+import tensorflow as tf
+
+
+def relu(x):
+    """relu(x) = x if x > 0 else 0.
+
+    Written with `tf.where(x > 0, ...)` so the gradient at exactly x = 0 is 0, as in `tf.nn.relu` (and Keras):
+    a zero-padded black MNIST patch gives conv outputs of exactly 0, and `tf.maximum(x, 0)` would pass a
+    gradient of 1 there into the bias.
+    """
+    return tf.where(x > 0, x, tf.zeros_like(x))
+
+
+def sigmoid(x):
+    """sigmoid(x) = 1 / (1 + e^-x).
+
+    Computed with z = e^-|x| in (0, 1] so nothing overflows:
+    sigmoid(x) = 1 / (1 + z) for x >= 0 and z / (1 + z) for x < 0.
+    """
+    z = tf.exp(-tf.abs(x))
+    return tf.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+def tanh(x):
+    """tanh(x) = (e^x - e^-x) / (e^x + e^-x) = (1 - e^-2x) / (1 + e^-2x).
+
+    Evaluated on u = -2|x| <= 0 (so e^u never overflows) with expm1 for precision near 0, then the odd
+    symmetry tanh(-x) = -tanh(x) restores the sign.
+    """
+    u = tf.where(x >= 0, -2.0 * x, 2.0 * x)
+    t = -tf.math.expm1(u) / (1.0 + tf.exp(u))
+    return tf.where(x >= 0, t, -t)
+
+
+def softmax(x, axis=-1):
+    """softmax(x)_i = e^(x_i - max(x)) / sum_j e^(x_j - max(x)).
+
+    Subtracting the row max changes nothing mathematically (the factor e^-max cancels) but keeps every
+    exponent <= 0, so exp never overflows. The max is a constant shift, hence `stop_gradient`.
+    """
+    shifted = x - tf.stop_gradient(tf.reduce_max(x, axis=axis, keepdims=True))
+    e = tf.exp(shifted)
+    return e / tf.reduce_sum(e, axis=axis, keepdims=True)
+
+
+def identity(x):
+    """identity(x) = x (the "linear" activation)."""
+    return x
+
+
+_BY_NAME = {
+    None: identity,
+    "linear": identity,
+    "identity": identity,
+    "relu": relu,
+    "sigmoid": sigmoid,
+    "tanh": tanh,
+    "softmax": softmax,
+}
+
+
+def get(name_or_fn):
+    """Returns the activation function for None / "linear" / "relu" / "sigmoid" / "tanh" / "softmax" or a callable."""
+    if callable(name_or_fn):
+        return name_or_fn
+    if name_or_fn in _BY_NAME:
+        return _BY_NAME[name_or_fn]
+    known = ", ".join(repr(k) for k in _BY_NAME)
+    raise ValueError(f"unknown activation {name_or_fn!r}; expected one of {known} or a callable")
+
+
+def name_of(fn):
+    """The name used in formulas: "relu", "sigmoid", ...; "" for the identity."""
+    if fn is identity:
+        return ""
+    return getattr(fn, "__name__", type(fn).__name__)
