@@ -1,0 +1,135 @@
+"""The model zoo: the codelab's networks, each a `Sequential` of hand-written layers.
+
+    spec = REGISTRY["conv"]
+    model = spec.build(spec.defaults["dropout"])   # images [N, 28, 28, 1] -> logits [N, 10]
+
+Every `ModelSpec` carries the training defaults of the codelab step it re-creates (train.py uses
+them for each flag that is not given) and the test accuracy that step should reach.
+
+Defaults keys:
+  batch_size, epochs, steps_per_epoch (None: a full pass over the training set),
+  optimizer ("adam" | "sgd"), learning_rate,
+  lr_decay (None: constant; else the factor r of  lr(step) = lr_min + learning_rate * r ** (step / k)),
+  lr_decay_steps (k: "epoch" = once per epoch, staircase; or an int number of steps, smooth),
+  lr_min, dropout, source (where in the codelab the model and its settings come from).
+"""
+import dataclasses
+from typing import Callable
+
+from core.layers import Sequential
+from models import conv, dense
+
+__all__ = ["ModelSpec", "REGISTRY", "get", "DEFAULT_KEYS"]
+
+DEFAULT_KEYS = ("batch_size", "epochs", "steps_per_epoch", "optimizer", "learning_rate",
+                "lr_decay", "lr_decay_steps", "lr_min", "dropout", "source")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A named network: `build(dropout) -> Sequential`, its codelab training defaults, and its target."""
+    build: Callable[[float], Sequential]
+    defaults: dict
+    description: str
+    target: str
+
+
+def _defaults(**values):
+    missing = set(DEFAULT_KEYS) - set(values)
+    unknown = set(values) - set(DEFAULT_KEYS)
+    if missing or unknown:
+        raise ValueError(f"model defaults: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    return values
+
+
+CODELAB = "codelab 'TensorFlow, Keras and deep learning, without a PhD'"
+PRACTICAL = "'TensorFlow 2.0 Practical'"
+
+REGISTRY = {
+    "softmax": ModelSpec(
+        build=dense.softmax,
+        defaults=_defaults(batch_size=100, epochs=10, steps_per_epoch=None, optimizer="sgd",
+                           learning_rate=0.01, lr_decay=None, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.0,
+                           source=f"{CODELAB} s.5 (keras_01: optimizer 'sgd' = lr 0.01, 10 epochs); "
+                                  f"{PRACTICAL} s.5 (batch 100)"),
+        description="flatten 784 -> dense 10 (softmax regression)",
+        target=">= 92%"),
+    "dense_sigmoid": ModelSpec(
+        build=dense.dense_sigmoid,
+        defaults=_defaults(batch_size=128, epochs=10, steps_per_epoch=None, optimizer="sgd",
+                           learning_rate=0.01, lr_decay=None, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.0,
+                           source=f"{CODELAB} s.6 (first try with more layers: sigmoid, 'sgd', batch 128)"),
+        description="784 -> 200 -> 60 -> 10, sigmoid hidden layers (the lesson: sigmoid + SGD stalls)",
+        target="report it (stalls well below dense)"),
+    "dense": ModelSpec(
+        build=dense.dense,
+        defaults=_defaults(batch_size=128, epochs=10, steps_per_epoch=None, optimizer="adam",
+                           learning_rate=0.001, lr_decay=None, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.0,
+                           source=f"{CODELAB} s.7 (keras_02: ReLU, 'adam' = lr 0.001, batch 128)"),
+        description="784 -> 200 -> 60 -> 10, ReLU hidden layers",
+        target=">= 97.5%"),
+    "dense_decay": ModelSpec(
+        build=dense.dense_decay,
+        defaults=_defaults(batch_size=128, epochs=10, steps_per_epoch=None, optimizer="adam",
+                           learning_rate=0.01, lr_decay=0.6, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.25,
+                           source=f"{CODELAB} s.8-9 (keras_03: lr 0.01 * 0.6^epoch, dropout 0.25)"),
+        description="784 -> 200 -> 100 -> 60 -> 10 ReLU, dropout after each hidden layer; "
+                    "--dropout=0 is the learning-rate-decay step before dropout",
+        target=">= 97.8% (>= 98% with --dropout=0)"),
+    "conv": ModelSpec(
+        build=conv.conv,
+        defaults=_defaults(batch_size=128, epochs=10, steps_per_epoch=None, optimizer="adam",
+                           learning_rate=0.01, lr_decay=0.6, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.5,
+                           source=f"{CODELAB} s.11-12 (keras_04: conv 3x3x12, 6x6x24/2, 6x6x32/2, "
+                                  "dense 200, dropout)"),
+        description="conv 3x3x12 -> 6x6x24 s2 -> 6x6x32 s2 (ReLU) -> dense 200 ReLU -> dropout -> dense 10",
+        target=">= 99.0%"),
+    "conv_bn": ModelSpec(
+        build=conv.conv_bn,
+        defaults=_defaults(batch_size=64, epochs=10, steps_per_epoch=None, optimizer="adam",
+                           learning_rate=0.01, lr_decay=0.666, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.3,
+                           source=f"{CODELAB} s.13 (keras_05: batch 64, decay 0.666, dropout 0.3)"),
+        description="conv with BatchNorm(center, no scale) before each ReLU, no biases, dropout 0.3",
+        target="median of 3 seeds >= 99.4%"),
+    "conv_bn_big": ModelSpec(
+        build=conv.conv_bn_big,
+        defaults=_defaults(batch_size=100, epochs=20, steps_per_epoch=500, optimizer="adam",
+                           learning_rate=0.02, lr_decay=0.36787944117144233, lr_decay_steps=1600,
+                           lr_min=0.0001, dropout=0.25,
+                           source="original low-level codelab, best network (batch norm): batch 100, "
+                                  "10,000 steps, lr = 0.0001 + 0.02 * e^(-step/1600), pkeep 0.75"),
+        description="conv 6x6x24 -> 5x5x48 s2 -> 4x4x64 s2 -> dense 200, each BatchNorm + ReLU, "
+                    "dropout 0.25, dense 10",
+        target=">= 99.5%"),
+    "dense5": ModelSpec(
+        build=dense.dense5,
+        defaults=_defaults(batch_size=100, epochs=10, steps_per_epoch=None, optimizer="adam",
+                           learning_rate=0.003, lr_decay=None, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.0,
+                           source=f"{PRACTICAL} s.7 (ReLU + Adam 0.003, batch 100; "
+                                  "s.8 adds dropout 0.25 with lr 0.005)"),
+        description="784 -> 200 -> 100 -> 60 -> 30 -> 10 ReLU (--dropout adds dropout before each dense)",
+        target=">= 98%"),
+    "conv_small": ModelSpec(
+        build=conv.conv_small,
+        defaults=_defaults(batch_size=100, epochs=10, steps_per_epoch=None, optimizer="adam",
+                           learning_rate=0.003, lr_decay=None, lr_decay_steps="epoch", lr_min=0.0,
+                           dropout=0.35,
+                           source=f"{PRACTICAL} s.10 (conv 6x6x6, 5x5x12/2, 4x4x24/2, dense 200, "
+                                  "dropout 0.35, Adam 0.003)"),
+        description="conv 6x6x6 -> 5x5x12 s2 -> 4x4x24 s2 (ReLU) -> dense 200 ReLU -> dropout -> dense 10",
+        target=">= 99.0%"),
+}
+
+
+def get(name):
+    """The ModelSpec called `name`; ValueError naming the known models otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

@@ -1,0 +1,77 @@
+"""Convolutional networks on images x [N, 28, 28, 1] (NHWC, 'same' padding: a stride s maps 28 -> 28 / s).
+
+Each convolution is  y = relu(conv2d(x, w[kh, kw, in, out], stride) + b); with batch norm the bias is left
+out and  y = relu(beta + (z - mean) / sqrt(variance + epsilon))  with z = conv2d(x, w)  (center, no scale:
+the ReLU that follows makes a scale gamma redundant).
+"""
+from core.layers import Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Sequential
+
+
+def _conv_relu(filters, kernel_size, strides, name):
+    return [Conv2D(filters, kernel_size, strides=strides, padding="same", activation="relu", name=name)]
+
+
+def _conv_bn_relu(filters, kernel_size, strides, name, kernel_init="glorot_uniform"):
+    return [Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                   kernel_init=kernel_init, name=name),
+            BatchNorm(center=True, scale=False, name=f"{name}_bn"),
+            Activation("relu", name=f"{name}_relu")]
+
+
+def _head(dropout):
+    """[dropout ->] dense 10 logits; a dropout rate of 0 leaves the Dropout layer out."""
+    return ([Dropout(dropout, name="dropout")] if dropout else []) + [Dense(10, name="logits")]
+
+
+def conv(dropout=0.5):
+    """28x28x1 -> conv 3x3x12 -> 6x6x24 s2 (14x14) -> 6x6x32 s2 (7x7) -> flatten 1568 -> dense 200 -> dense 10."""
+    return Sequential(
+        _conv_relu(12, 3, 1, "conv1")
+        + _conv_relu(24, 6, 2, "conv2")
+        + _conv_relu(32, 6, 2, "conv3")
+        + [Flatten(name="flatten"), Dense(200, activation="relu", name="dense1")]
+        + _head(dropout),
+        name="conv")
+
+
+def conv_bn(dropout=0.3):
+    """`conv` with BatchNorm(center, no scale) + ReLU after each convolution and the dense 200 (no biases)."""
+    return Sequential(
+        _conv_bn_relu(12, 3, 1, "conv1")
+        + _conv_bn_relu(24, 6, 2, "conv2")
+        + _conv_bn_relu(32, 6, 2, "conv3")
+        + [Flatten(name="flatten"),
+           Dense(200, use_bias=False, name="dense1"),
+           BatchNorm(center=True, scale=False, name="dense1_bn"),
+           Activation("relu", name="dense1_relu")]
+        + _head(dropout),
+        name="conv_bn")
+
+
+def conv_bn_big(dropout=0.25):
+    """The original codelab's best: conv 6x6x24 -> 5x5x48 s2 -> 4x4x64 s2 -> dense 200, each BN + ReLU.
+
+    Weights start as in that codelab: truncated normal, stddev 0.1.
+    """
+    init = "truncated_normal"
+    return Sequential(
+        _conv_bn_relu(24, 6, 1, "conv1", init)
+        + _conv_bn_relu(48, 5, 2, "conv2", init)
+        + _conv_bn_relu(64, 4, 2, "conv3", init)
+        + [Flatten(name="flatten"),
+           Dense(200, use_bias=False, kernel_init=init, name="dense1"),
+           BatchNorm(center=True, scale=False, name="dense1_bn"),
+           Activation("relu", name="dense1_relu")]
+        + _head(dropout),
+        name="conv_bn_big")
+
+
+def conv_small(dropout=0.35):
+    """The practical's convnet: conv 6x6x6 -> 5x5x12 s2 -> 4x4x24 s2 -> flatten 1176 -> dense 200 -> dense 10."""
+    return Sequential(
+        _conv_relu(6, 6, 1, "conv1")
+        + _conv_relu(12, 5, 2, "conv2")
+        + _conv_relu(24, 4, 2, "conv3")
+        + [Flatten(name="flatten"), Dense(200, activation="relu", name="dense1")]
+        + _head(dropout),
+        name="conv_small")
