@@ -299,7 +299,7 @@ def preview(images, captions=(), scale=4, columns=10):
     gap = 2
     sheet = Image.new("L", (columns * (tile + gap) + gap, rows * (tile + caption_height + gap) + gap), 96)
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=12)
     for k, (x, caption) in enumerate(zip(images, captions)):
         left = gap + (k % columns) * (tile + gap)
         top = gap + (k // columns) * (tile + caption_height + gap)

@@ -1,0 +1,151 @@
+"""Classify your own digits with a model exported by train.py.
+
+  python predict.py --model_dir runs/conv/export seven.png photo_of_a_3.jpg digits.json
+  python predict.py --model_dir runs/conv/export --inputs=a.png,b.jpg --save_preview=seen.png --top_k=3
+
+Inputs: pictures of one digit (PNG, JPEG, ... any size, dark on light or light on dark), converted the way MNIST
+was made (core/digits.py), or the codelab's digits.json (one {"image": 28x28 floats in [0, 1]} per line).
+Prints one line per digit:  <input>: <class>  (<class>: <probability>  ...top_k...)
+Errors are one line each on stderr: exit code 1 for an input or model that cannot be used (the other inputs are
+still classified), 2 for bad flags (unknown flag, missing --model_dir, no inputs, --top_k outside 1..10).
+"""
+import contextlib
+import os
+import sys
+
+from absl import app, flags
+
+from core import digits
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "SavedModel directory written by train.py (--export_dir, or <run dir>/export), "
+                    "or a TensorFlow Serving model directory of numbered versions (the highest is used).")
+flags.DEFINE_list("inputs", [], "Comma-separated input files, classified before the positional ones: images "
+                  "(PNG, JPEG, ...) or digits.json files (.json/.jsonl/.ndjson).")
+flags.DEFINE_string("save_preview", None, "Write a PNG of what the model saw: the 28x28 inputs, 4x bigger, "
+                    "white on black, each captioned with its predicted class.")
+flags.DEFINE_integer("top_k", 3, "How many classes (with probabilities) to print per digit.", lower_bound=1,
+                     upper_bound=10)
+flags.mark_flag_as_required("model_dir")
+
+PROGRAM = "predict.py"
+
+
+class UsageError(Exception):
+    """Bad command line (exit code 2)."""
+
+
+class InputError(Exception):
+    """A model directory that cannot be used (exit code 1)."""
+
+
+def error(message):
+    print(f"{PROGRAM}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def parse_flags(argv):
+    """absl flag parsing with one-line errors and exit code 2 (absl's own prints usage and exits 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        error(e)
+        sys.exit(2)
+
+
+def find_saved_model(model_dir):
+    """The SavedModel directory in `model_dir`: itself, or its highest numbered version (TensorFlow Serving)."""
+    if not os.path.isdir(model_dir):
+        raise InputError(f"--model_dir {model_dir}: no such directory")
+    if os.path.exists(os.path.join(model_dir, "saved_model.pb")):
+        return model_dir
+    versions = [int(v) for v in os.listdir(model_dir)
+                if v.isdigit() and os.path.exists(os.path.join(model_dir, v, "saved_model.pb"))]
+    if not versions:
+        raise InputError(f"--model_dir {model_dir}: not a SavedModel (no saved_model.pb; "
+                         f"export one with train.py --export_dir)")
+    return os.path.join(model_dir, str(max(versions)))
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silences file descriptor 2 (TensorFlow's C++ start-up log lines); Python errors are reported after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def classify(saved_model_dir, images):
+    """images [N, 28, 28] float32 -> (probabilities [N, 10], classes [N]) through serving_default."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with quiet_stderr():
+        from core import export
+        classifier = export.Classifier(saved_model_dir)
+        return classifier(images)
+
+
+def describe(name, predicted, probabilities, top_k):
+    """"name: 7  (7: 0.9812  1: 0.0121  9: 0.0040)": the class, then the top_k classes by probability."""
+    order = sorted(range(len(probabilities)), key=lambda c: -probabilities[c])[:top_k]
+    top = "  ".join(f"{c}: {probabilities[c]:.4f}" for c in order)
+    return f"{name}: {predicted}  ({top})"
+
+
+def run(paths):
+    """Classifies every input; returns the exit code (0, or 1 if any input or the model failed)."""
+    import numpy as np
+
+    if not paths:
+        raise UsageError("no inputs: give image or digits.json files as arguments or with --inputs")
+    saved_model_dir = find_saved_model(FLAGS.model_dir)
+    names, images, failed = [], [], False
+    for path in paths:
+        try:
+            for name, image in digits.read_inputs(path):
+                names.append(name)
+                images.append(image)
+        except digits.DigitError as e:
+            error(e)
+            failed = True
+    if not images:
+        return 1
+    try:
+        probabilities, classes = classify(saved_model_dir, np.stack(images))
+    except Exception as e:
+        error(e)
+        return 1
+    for name, predicted, p in zip(names, classes, probabilities):
+        print(describe(name, int(predicted), [float(v) for v in p], FLAGS.top_k))
+    sys.stdout.flush()
+    if FLAGS.save_preview:
+        try:
+            digits.preview(images, [f"{c}" for c in classes]).save(FLAGS.save_preview, format="PNG")
+        except (OSError, ValueError) as e:
+            error(f"--save_preview {FLAGS.save_preview}: cannot write ({getattr(e, 'strerror', None) or e})")
+            return 1
+    return 1 if failed else 0
+
+
+def main(argv):
+    try:
+        return run(list(FLAGS.inputs) + argv[1:])
+    except UsageError as e:
+        error(e)
+        return 2
+    except (InputError, digits.DigitError) as e:
+        error(e)
+        return 1
+    except Exception as e:
+        error(f"{type(e).__name__}: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
