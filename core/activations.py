@@ -16,25 +16,39 @@ def relu(x):
     return tf.where(x > 0, x, tf.zeros_like(x))
 
 
+@tf.custom_gradient
 def sigmoid(x):
-    """sigmoid(x) = 1 / (1 + e^-x).
+    """sigmoid(x) = 1 / (1 + e^-x);  d sigmoid / dx = sigmoid(x) * (1 - sigmoid(x)).
 
     Computed with z = e^-|x| in (0, 1] so nothing overflows:
     sigmoid(x) = 1 / (1 + z) for x >= 0 and z / (1 + z) for x < 0.
+    The backward pass is the textbook derivative, which is also what TensorFlow (and so Keras) uses.
     """
     z = tf.exp(-tf.abs(x))
-    return tf.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+    s = tf.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+    def gradient(dy):
+        return dy * s * (1.0 - s)
+
+    return s, gradient
 
 
+@tf.custom_gradient
 def tanh(x):
-    """tanh(x) = (e^x - e^-x) / (e^x + e^-x) = (1 - e^-2x) / (1 + e^-2x).
+    """tanh(x) = (e^x - e^-x) / (e^x + e^-x) = (1 - e^-2x) / (1 + e^-2x);  d tanh / dx = 1 - tanh(x)^2.
 
     Evaluated on u = -2|x| <= 0 (so e^u never overflows) with expm1 for precision near 0, then the odd
-    symmetry tanh(-x) = -tanh(x) restores the sign.
+    symmetry tanh(-x) = -tanh(x) restores the sign. The backward pass is the textbook derivative, as in
+    TensorFlow (and so Keras).
     """
-    u = tf.where(x >= 0, -2.0 * x, 2.0 * x)
+    u = -2.0 * tf.abs(x)
     t = -tf.math.expm1(u) / (1.0 + tf.exp(u))
-    return tf.where(x >= 0, t, -t)
+    y = tf.where(x >= 0, t, -t)
+
+    def gradient(dy):
+        return dy * (1.0 - y * y)
+
+    return y, gradient
 
 
 def softmax(x, axis=-1):
