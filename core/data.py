@@ -1,0 +1,330 @@
+"""The MNIST input pipeline: IDX files -> checked -> tf.data, the way the codelab reads them.
+
+    data_dir = prepare(flags.data_dir)                    # downloads if missing, validates
+    train = load(data_dir, "train")                       # (image [28,28,1] float32, label int32)
+    for epoch in range(epochs):
+        for images, labels in training_batches(train, 128, seed, epoch):   # [128,28,28,1], [128]
+            ...
+    test = evaluation_batches(load(data_dir, "test"))     # 10 batches of 1000, file order
+
+An IDX file is a big-endian header followed by raw unsigned bytes:
+    images: magic 2051 | count | rows (28) | cols (28) | count*28*28 pixels     (16-byte header)
+    labels: magic 2049 | count | count labels in 0..9                            (8-byte header)
+so every image is a fixed-length record of 784 bytes after a 16-byte header, and every label a
+record of 1 byte after an 8-byte header: `tf.data.FixedLengthRecordDataset` reads them directly,
+from the .gz files (compression_type "GZIP") or from plain copies.
+
+Pipeline (see /work/notes/data.md):
+    load:               records -> batch(1000) -> decode_raw uint8 -> x = pixel / 255 in [0,1]
+                        -> zip -> unbatch -> cache
+    training_batches:   cached -> shuffle(buffer, seed(seed, epoch)) -> batch(drop_remainder) -> prefetch
+    evaluation_batches: cached -> batch (last partial batch kept) -> prefetch
+"""
+import gzip
+import hashlib
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from core.download import DownloadError
+from core.download import download as fetch
+
+__all__ = [
+    "DataError", "FILES", "MD5", "BASE_URL", "SPLITS", "default_data_dir", "find_files", "prepare",
+    "validate", "load", "training_batches", "evaluation_batches", "split_validation", "epoch_seed",
+    "write_idx",
+]
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# MD5 of the decompressed files: mirrors recompress the .gz files, the content is what counts.
+MD5 = {
+    "train_images": "6bbc9ace898e44ae57da46a324031adb",
+    "train_labels": "a25bea736e30d166cdddb491f175f624",
+    "test_images": "2646ac647ad5339dbf082846283269ea",
+    "test_labels": "27ae3e4e09519cfbb04c329615203637",
+}
+BASE_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+SPLITS = {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels")}
+
+IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+LABEL_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+IMAGE_HEADER_BYTES = 16
+LABEL_HEADER_BYTES = 8
+HEIGHT = WIDTH = 28
+IMAGE_BYTES = HEIGHT * WIDTH
+NUM_CLASSES = 10
+DECODE_BATCH = 1000  # records decoded per decode_raw call: one op per 1000 records, not per record
+
+_checked = {}  # (path, kind, size, mtime) -> record count: each file is read once per process
+
+
+class DataError(Exception):
+    """Unusable input data; the message is one line naming the file and the problem."""
+
+
+def default_data_dir():
+    """$TF_BY_HAND_DATA_DIR, or ~/.cache/tf-by-hand/mnist."""
+    directory = os.environ.get("TF_BY_HAND_DATA_DIR") or os.path.join("~", ".cache", "tf-by-hand", "mnist")
+    return os.path.expanduser(directory)
+
+
+def how_to_point_at_a_copy():
+    """The advice printed whenever the files cannot be found or fetched."""
+    names = ", ".join(FILES.values())
+    return (f"to use a local copy, put the four MNIST files ({names}; plain or .gz) in a directory "
+            f"and pass --data_dir DIR (or set TF_BY_HAND_DATA_DIR=DIR)")
+
+
+def find_files(data_dir):
+    """{key: path of the plain file, else of the .gz file, else None} for every key of FILES."""
+    directory = Path(os.path.expanduser(str(data_dir)))
+    paths = {}
+    for key, name in FILES.items():
+        candidates = [directory / name, directory / (name + ".gz")]
+        paths[key] = next((str(path) for path in candidates if path.is_file()), None)
+    return paths
+
+
+def prepare(data_dir=None, download=True, base_url=BASE_URL, progress=True, md5=None, timeout=30.0):
+    """Returns the directory holding the four files, downloading the missing ones, validated.
+
+    data_dir defaults to default_data_dir(). Missing files are fetched as .gz from `base_url`
+    when `download` is True; their decompressed MD5 must equal `md5[key]` (default MD5).
+    Raises DataError (one line) for anything that stops training.
+    """
+    directory = Path(os.path.expanduser(str(data_dir or default_data_dir())))
+    md5 = MD5 if md5 is None else md5
+    missing = [key for key, path in find_files(directory).items() if path is None]
+    if missing and not download:
+        names = ", ".join(FILES[key] for key in missing)
+        raise DataError(f"{directory}: missing {names} (plain or .gz) and downloading is off; "
+                        f"{how_to_point_at_a_copy()}")
+    for key in missing:
+        name = FILES[key] + ".gz"
+        url = base_url.rstrip("/") + "/" + name
+        try:
+            fetch(url, directory / name, md5=md5.get(key), timeout=timeout, progress=progress)
+        except DownloadError as error:
+            raise DataError(f"{error}; {how_to_point_at_a_copy()}") from None
+        except OSError as error:
+            raise DataError(f"{directory / name}: cannot write the download ({error.strerror or error}); "
+                            f"{how_to_point_at_a_copy()}") from None
+    validate(directory)
+    return str(directory)
+
+
+def validate(data_dir):
+    """Checks the four files; returns {"train": count, "test": count}. Raises DataError.
+
+    Rules: each file present (plain or .gz) and non-empty; a .gz decompresses completely;
+    magic 2051 for images and 2049 for labels; images 28x28; the size after the header equals
+    count * 784 (images) or count (labels); images and labels of a split have the same count;
+    every label is in 0..9.
+    """
+    directory = Path(os.path.expanduser(str(data_dir)))
+    if not directory.is_dir():
+        raise DataError(f"{directory}: data directory not found; {how_to_point_at_a_copy()}")
+    return {split: _check_split(directory, split)[2] for split in SPLITS}
+
+
+def load(data_dir, split, flat=False):
+    """The `split` ("train" or "test") as a cached Dataset of (image, label).
+
+    image: float32 [28, 28, 1] (or [784] if `flat`), x = pixel / 255 in [0, 1]; label: int32 scalar.
+    The files are validated first (once per process); the cardinality is known.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
+    image_path, label_path, count = _check_split(Path(os.path.expanduser(str(data_dir))), split)
+    image_shape = [-1, IMAGE_BYTES] if flat else [-1, HEIGHT, WIDTH, 1]
+
+    def decode_images(records):
+        pixels = tf.io.decode_raw(records, tf.uint8)          # [n, 784] uint8
+        images = tf.cast(pixels, tf.float32) / 255.0          # x in [0, 1]
+        return tf.reshape(images, image_shape)
+
+    def decode_labels(records):
+        return tf.cast(tf.reshape(tf.io.decode_raw(records, tf.uint8), [-1]), tf.int32)
+
+    images = _records(image_path, IMAGE_HEADER_BYTES, IMAGE_BYTES).batch(DECODE_BATCH).map(decode_images)
+    labels = _records(label_path, LABEL_HEADER_BYTES, 1).batch(DECODE_BATCH).map(decode_labels)
+    dataset = tf.data.Dataset.zip((images, labels)).unbatch()
+    return dataset.apply(tf.data.experimental.assert_cardinality(count)).cache()
+
+
+def epoch_seed(seed, epoch):
+    """The shuffle seed of one epoch: a hash of (seed, epoch), in [0, 2**31 - 1)."""
+    digest = hashlib.sha256(f"tf-by-hand/{int(seed)}/{int(epoch)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+
+
+def training_batches(dataset, batch_size, seed, epoch, shuffle_buffer=60000):
+    """One epoch of shuffled batches: dataset -> shuffle -> batch(drop_remainder) -> prefetch.
+
+    `dataset` is a cached Dataset (from load() or split_validation()); the cache is shared by all
+    epochs. The order depends only on (seed, epoch) (and the global TF seed, which train.py sets
+    from the same seed): calling this again with the same arguments, in this process or a resumed
+    one, gives the same batches. Every batch has exactly `batch_size` examples, so a tf.function
+    step traces once.
+    """
+    if batch_size < 1 or shuffle_buffer < 1:
+        raise ValueError(f"training_batches: batch_size and shuffle_buffer must be >= 1, "
+                         f"got {batch_size} and {shuffle_buffer}")
+    size = int(dataset.cardinality())
+    if 0 <= size < batch_size:
+        raise ValueError(f"training_batches: {size} examples do not fill one batch of {batch_size}")
+    shuffled = dataset.shuffle(shuffle_buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+    return shuffled.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_batches(dataset, batch_size=1000):
+    """All examples in file order, in batches of `batch_size` (the last one may be smaller)."""
+    if batch_size < 1:
+        raise ValueError(f"evaluation_batches: batch_size must be >= 1, got {batch_size}")
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def split_validation(dataset, count=5000):
+    """(first N - count examples, last count examples) of a cached dataset of known size N.
+
+    Reads `dataset` once now so that its cache is complete: take() and skip() then share it
+    (a cache that is only partly read is thrown away by tf.data and the files re-read).
+    """
+    size = int(dataset.cardinality())
+    if size < 0:
+        raise ValueError("split_validation: the dataset size is unknown; pass a dataset from load()")
+    if not 0 < count < size:
+        raise ValueError(f"split_validation: count must be in 1..{size - 1}, got {count}")
+    dataset.batch(DECODE_BATCH).reduce(np.int64(0), lambda batches, _: batches + 1)
+    keep = size - count
+    return dataset.take(keep), dataset.skip(keep)
+
+
+def write_idx(path, array):
+    """Writes a uint8 array [count, rows, cols] (images) or [count] (labels) as an IDX file.
+
+    Gzipped when `path` ends with .gz. For tests and for converting other data sets.
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (1, 3):
+        raise ValueError(f"write_idx: expected uint8 [count] or [count, rows, cols], "
+                         f"got {array.dtype} {list(array.shape)}")
+    header = struct.pack(f">I{array.ndim}I", 0x0800 + array.ndim, *array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as stream:
+        stream.write(header + array.tobytes())
+    return str(path)
+
+
+def _records(path, header_bytes, record_bytes):
+    compression = "GZIP" if path.endswith(".gz") else ""
+    return tf.data.FixedLengthRecordDataset(
+        path, record_bytes, header_bytes=header_bytes, compression_type=compression)
+
+
+def _check_split(directory, split):
+    """(image path, label path, count) of a validated split. Raises DataError."""
+    image_key, label_key = SPLITS[split]
+    paths = find_files(directory)
+    for key in (image_key, label_key):
+        if paths[key] is None:
+            raise DataError(f"{directory / FILES[key]}: file not found (nor {FILES[key]}.gz); "
+                            f"{how_to_point_at_a_copy()}")
+    images = _checked_count(paths[image_key], "images")
+    labels = _checked_count(paths[label_key], "labels")
+    if images != labels:
+        raise DataError(f"{paths[image_key]}: {images} images but {os.path.basename(paths[label_key])} "
+                        f"has {labels} labels; the counts must match")
+    return paths[image_key], paths[label_key], images
+
+
+def _checked_count(path, kind):
+    status = os.stat(path)
+    key = (os.path.abspath(path), kind, status.st_size, status.st_mtime_ns)
+    if key not in _checked:
+        _checked[key] = _check_images(path) if kind == "images" else _check_labels(path)
+    return _checked[key]
+
+
+def _check_images(path):
+    header, body_size, _ = _read(path, IMAGE_HEADER_BYTES, keep_body=False)
+    _check_magic(path, header, IMAGE_MAGIC, "images")
+    if len(header) < IMAGE_HEADER_BYTES:
+        raise DataError(f"{path}: truncated header ({len(header)} of {IMAGE_HEADER_BYTES} bytes)")
+    count, rows, cols = struct.unpack(">III", header[4:16])
+    if (rows, cols) != (HEIGHT, WIDTH):
+        raise DataError(f"{path}: images are {rows}x{cols}, expected {HEIGHT}x{WIDTH}")
+    _check_size(path, count, count * IMAGE_BYTES, body_size, "images")
+    return count
+
+
+def _check_labels(path):
+    header, body_size, body = _read(path, LABEL_HEADER_BYTES, keep_body=True)
+    _check_magic(path, header, LABEL_MAGIC, "labels")
+    if len(header) < LABEL_HEADER_BYTES:
+        raise DataError(f"{path}: truncated header ({len(header)} of {LABEL_HEADER_BYTES} bytes)")
+    (count,) = struct.unpack(">I", header[4:8])
+    _check_size(path, count, count, body_size, "labels")
+    labels = np.frombuffer(body, dtype=np.uint8)
+    outside = np.flatnonzero(labels >= NUM_CLASSES)
+    if outside.size:
+        index = int(outside[0])
+        raise DataError(f"{path}: label {labels[index]} at index {index} is outside 0..{NUM_CLASSES - 1} "
+                        f"({outside.size} such labels)")
+    return count
+
+
+def _check_magic(path, header, expected, kind):
+    if len(header) < 4:
+        raise DataError(f"{path}: not an IDX file (only {len(header)} bytes of data)")
+    (magic,) = struct.unpack(">I", header[:4])
+    if magic != expected:
+        swapped = {IMAGE_MAGIC: "an images file", LABEL_MAGIC: "a labels file"}.get(magic)
+        what = f"this is {swapped}" if swapped else "not an IDX file of unsigned bytes"
+        raise DataError(f"{path}: magic number {magic}, expected {expected} for {kind} ({what})")
+
+
+def _check_size(path, count, expected, actual, kind):
+    decompressed = " decompressed" if path.endswith(".gz") else ""
+    if count == 0:
+        raise DataError(f"{path}: the header announces 0 {kind}")
+    if actual < expected:
+        raise DataError(f"{path}: truncated: the header announces {count} {kind} ({expected} bytes after "
+                        f"the header) but the file holds {actual}{decompressed} bytes")
+    if actual > expected:
+        raise DataError(f"{path}: {actual - expected} unexpected{decompressed} bytes after the {count} {kind} "
+                        f"the header announces (not an MNIST IDX file?)")
+
+
+def _read(path, header_bytes, keep_body):
+    """(header, size of the rest, rest or None) of a plain or gzipped file. Raises DataError."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file")
+    body = [] if keep_body else None
+    body_size = 0
+    gzipped = path.endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as stream:
+            header = stream.read(header_bytes)
+            if not gzipped and not keep_body:
+                return header, os.path.getsize(path) - len(header), None
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                body_size += len(chunk)
+                if keep_body:
+                    body.append(chunk)
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") from None
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(f"{path}: corrupt gzip file ({error})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    return header, body_size, b"".join(body) if keep_body else None

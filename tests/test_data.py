@@ -1,0 +1,300 @@
+"""core.data: validation errors, decoding, the training/evaluation pipelines, on real and tiny IDX files."""
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from core import data
+from core.data import DataError
+
+TRAIN_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+TEST_FIRST_LABELS = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+# ---------------------------------------------------------------- tiny synthetic IDX data sets
+
+def tiny_images(count):
+    """uint8 [count, 28, 28] whose pixels (0,0) and (0,1) spell the example's index."""
+    rng = np.random.default_rng(count)
+    images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(count) % 256
+    images[:, 0, 1] = np.arange(count) // 256
+    return images
+
+
+def tiny_labels(count):
+    return (np.arange(count) % 10).astype(np.uint8)
+
+
+def write_tiny(directory, train=300, test=100, gz=True, overrides=None):
+    """Writes the four files (gzipped or plain) of a tiny IDX data set; returns the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    arrays = {"train_images": tiny_images(train), "train_labels": tiny_labels(train),
+              "test_images": tiny_images(test), "test_labels": tiny_labels(test)}
+    arrays.update(overrides or {})
+    for key, array in arrays.items():
+        data.write_idx(directory / (data.FILES[key] + suffix), array)
+    return directory
+
+
+def indices(images):
+    """The example indices spelled by pixels (0,0) and (0,1) of a batch of images [n,28,28,1]."""
+    pixels = np.rint(np.asarray(images)[:, 0, :2, 0] * 255).astype(np.int64)
+    return pixels[:, 0] + 256 * pixels[:, 1]
+
+
+def epoch_indices(dataset, batch_size, seed, epoch):
+    batches = data.training_batches(dataset, batch_size, seed=seed, epoch=epoch, shuffle_buffer=1000)
+    return np.concatenate([indices(images) for images, _ in batches])
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return write_tiny(tmp_path / "tiny")
+
+
+# ---------------------------------------------------------------- constants and locations
+
+def test_files_and_md5_tables_cover_the_four_files():
+    assert set(data.FILES) == set(data.MD5) == {"train_images", "train_labels", "test_images", "test_labels"}
+    assert data.FILES["test_images"] == "t10k-images-idx3-ubyte"
+    assert all(len(digest) == 32 for digest in data.MD5.values())
+
+
+def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("TF_BY_HAND_DATA_DIR", raising=False)
+    assert data.default_data_dir().endswith("/.cache/tf-by-hand/mnist")
+    monkeypatch.setenv("TF_BY_HAND_DATA_DIR", str(tmp_path))
+    assert data.default_data_dir() == str(tmp_path)
+
+
+def test_epoch_seed_depends_on_seed_and_epoch():
+    assert data.epoch_seed(1, 0) == data.epoch_seed(1, 0)
+    assert len({data.epoch_seed(seed, epoch) for seed in range(5) for epoch in range(5)}) == 25
+    assert all(0 <= data.epoch_seed(seed, 3) < 2**31 - 1 for seed in (0, 1, 2**40))
+
+
+# ---------------------------------------------------------------- the real MNIST
+
+@pytest.fixture(scope="module")
+def mnist_train(mnist_dir):
+    return data.load(mnist_dir, "train")
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_dir):
+    return data.load(mnist_dir, "test")
+
+
+def test_validate_real_mnist(mnist_dir):
+    assert data.validate(mnist_dir) == {"train": 60000, "test": 10000}
+    assert data.prepare(mnist_dir, download=False) == mnist_dir
+
+
+def test_real_shapes_dtypes_ranges_and_known_labels(mnist_train, mnist_test):
+    assert mnist_train.element_spec == (tf.TensorSpec([28, 28, 1], tf.float32), tf.TensorSpec([], tf.int32))
+    assert int(mnist_train.cardinality()) == 60000 and int(mnist_test.cardinality()) == 10000
+    train_labels = []
+    for images, labels in data.evaluation_batches(mnist_train, batch_size=10000):
+        assert images.dtype == tf.float32 and labels.dtype == tf.int32
+        assert float(tf.reduce_min(images)) == 0.0 and float(tf.reduce_max(images)) == 1.0
+        train_labels.append(labels.numpy())
+    train_labels = np.concatenate(train_labels)
+    assert train_labels[:10].tolist() == TRAIN_FIRST_LABELS
+    assert np.bincount(train_labels, minlength=10).tolist() == TRAIN_COUNTS
+
+    batches = list(data.evaluation_batches(mnist_test))
+    assert [int(labels.shape[0]) for _, labels in batches] == [1000] * 10
+    test_labels = np.concatenate([labels.numpy() for _, labels in batches])
+    assert test_labels[:10].tolist() == TEST_FIRST_LABELS
+    assert np.bincount(test_labels, minlength=10).tolist() == TEST_COUNTS
+    # The first test image is a 7: ink in the middle rows, blank corners, ~20% of pixels lit.
+    first = batches[0][0][0].numpy()
+    assert first[0, 0, 0] == 0.0 and first[27, 27, 0] == 0.0 and 0.1 < np.mean(first > 0) < 0.3
+
+
+def test_flat_option(mnist_dir):
+    images, labels = next(iter(data.evaluation_batches(data.load(mnist_dir, "test", flat=True), 5)))
+    assert images.shape == (5, 784) and labels.numpy().tolist() == TEST_FIRST_LABELS[:5]
+
+
+def test_real_training_batches_are_a_shuffled_epoch(mnist_train):
+    batches = data.training_batches(mnist_train, 128, seed=1, epoch=0)
+    assert int(batches.cardinality()) == 60000 // 128
+    assert batches.element_spec[0].shape.as_list() == [128, 28, 28, 1]  # static: one trace
+    labels = np.concatenate([labels.numpy() for _, labels in batches])
+    assert len(labels) == 468 * 128
+    assert labels[:10].tolist() != TRAIN_FIRST_LABELS
+    assert np.abs(np.bincount(labels, minlength=10) - TRAIN_COUNTS).max() <= 96  # 96 dropped
+
+
+def test_gzipped_and_plain_copies_give_identical_batches(mnist_dir, mnist_train, mnist_test, tmp_path):
+    for name in data.FILES.values():
+        with gzip.open(f"{mnist_dir}/{name}.gz", "rb") as source, open(tmp_path / name, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    assert data.validate(tmp_path) == {"train": 60000, "test": 10000}
+    assert set(data.find_files(tmp_path).values()) == {str(tmp_path / name) for name in data.FILES.values()}
+
+    plain_test = data.evaluation_batches(data.load(tmp_path, "test"))
+    for (gz_images, gz_labels), (images, labels) in zip(data.evaluation_batches(mnist_test), plain_test):
+        np.testing.assert_array_equal(gz_images.numpy(), images.numpy())
+        np.testing.assert_array_equal(gz_labels.numpy(), labels.numpy())
+
+    plain_train = data.load(tmp_path, "train")
+    gz_batches = data.training_batches(mnist_train, 500, seed=7, epoch=2).take(5)
+    plain_batches = data.training_batches(plain_train, 500, seed=7, epoch=2).take(5)
+    for (gz_images, gz_labels), (images, labels) in zip(gz_batches, plain_batches):
+        np.testing.assert_array_equal(gz_images.numpy(), images.numpy())
+        np.testing.assert_array_equal(gz_labels.numpy(), labels.numpy())
+
+
+# ---------------------------------------------------------------- pipeline behaviour (tiny data)
+
+def test_tiny_data_round_trip(tiny_dir):
+    assert data.validate(tiny_dir) == {"train": 300, "test": 100}
+    images, labels = next(iter(data.evaluation_batches(data.load(tiny_dir, "train"), 300)))
+    expected = tiny_images(300)[..., None].astype(np.float32) / 255.0
+    np.testing.assert_array_equal(images.numpy(), expected)
+    np.testing.assert_array_equal(labels.numpy(), tiny_labels(300))
+
+
+def test_same_seed_and_epoch_same_order_other_epoch_or_seed_other_order(tiny_dir):
+    train = data.load(tiny_dir, "train")
+    first = epoch_indices(train, 32, seed=3, epoch=0)
+    assert len(first) == 9 * 32 and len(set(first)) == len(first)  # a permutation, minus the remainder
+    np.testing.assert_array_equal(first, epoch_indices(train, 32, seed=3, epoch=0))
+    # A new load() of the same files (a resumed run) and a skip of k batches see the same batches.
+    resumed = data.training_batches(data.load(tiny_dir, "train"), 32, seed=3, epoch=0, shuffle_buffer=1000)
+    np.testing.assert_array_equal(np.concatenate([indices(x) for x, _ in resumed.skip(4)]), first[4 * 32:])
+    # Iterating the same epoch's dataset twice gives the same order too.
+    once = data.training_batches(train, 32, seed=3, epoch=1, shuffle_buffer=1000)
+    np.testing.assert_array_equal(np.concatenate([indices(x) for x, _ in once]),
+                                  np.concatenate([indices(x) for x, _ in once]))
+    assert not np.array_equal(first, epoch_indices(train, 32, seed=3, epoch=1))
+    assert not np.array_equal(first, epoch_indices(train, 32, seed=4, epoch=0))
+
+
+def test_cache_is_shared_by_all_epochs(tmp_path):
+    directory = write_tiny(tmp_path / "once", train=200, test=20)
+    train = data.load(directory, "train")
+    first = epoch_indices(train, 50, seed=0, epoch=0)
+    shutil.rmtree(directory)  # later epochs must come from the cache, not from the files
+    second = epoch_indices(train, 50, seed=0, epoch=1)
+    assert sorted(first) == sorted(second) == list(range(200)) and not np.array_equal(first, second)
+
+
+def test_split_validation_holds_out_the_last_examples(tmp_path):
+    directory = write_tiny(tmp_path / "split", train=300, test=20)
+    train, validation = data.split_validation(data.load(directory, "train"), count=50)
+    assert int(train.cardinality()) == 250 and int(validation.cardinality()) == 50
+    shutil.rmtree(directory)  # split_validation filled the cache: both parts read memory
+    held_out = np.concatenate([indices(x) for x, _ in data.evaluation_batches(validation, 16)])
+    assert held_out.tolist() == list(range(250, 300))
+    for epoch in range(2):
+        assert sorted(epoch_indices(train, 25, seed=1, epoch=epoch)) == list(range(250))
+    with pytest.raises(ValueError, match="count must be in 1..299"):
+        data.split_validation(data.load(write_tiny(tmp_path / "again"), "train"), count=300)
+
+
+def test_evaluation_batches_keep_order_and_the_last_partial_batch(tiny_dir):
+    batches = list(data.evaluation_batches(data.load(tiny_dir, "test"), batch_size=30))
+    assert [len(labels) for _, labels in batches] == [30, 30, 30, 10]
+    assert np.concatenate([indices(x) for x, _ in batches]).tolist() == list(range(100))
+
+
+def test_training_batches_rejects_bad_sizes(tiny_dir):
+    train = data.load(tiny_dir, "train")
+    with pytest.raises(ValueError, match="300 examples do not fill one batch of 512"):
+        data.training_batches(train, 512, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        data.training_batches(train, 0, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load(tiny_dir, "validation")
+
+
+# ---------------------------------------------------------------- every broken input: one clear DataError
+
+def gzip_bytes(raw):
+    return gzip.compress(raw, mtime=0)
+
+
+def idx_bytes(array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return header + array.tobytes()
+
+
+def flipped(raw, start, count):
+    """`raw` with `count` bytes inverted from `start` on."""
+    return raw[:start] + bytes(byte ^ 0xFF for byte in raw[start:start + count]) + raw[start + count:]
+
+
+TRAIN_IMAGES = data.FILES["train_images"]
+TRAIN_LABELS = data.FILES["train_labels"]
+GOOD_IMAGES = idx_bytes(tiny_images(300))
+GOOD_LABELS = idx_bytes(tiny_labels(300))
+
+BROKEN = {
+    # case: (file name, file content, words the message must hold)
+    "empty file": (TRAIN_IMAGES + ".gz", b"", "empty file"),
+    "empty plain file": (TRAIN_LABELS, b"", "empty file"),
+    "truncated images": (TRAIN_IMAGES, GOOD_IMAGES[:-784 * 3 - 5], "truncated: the header announces 300 images"),
+    "truncated images in gzip": (TRAIN_IMAGES + ".gz", gzip_bytes(GOOD_IMAGES[:5000]),
+                                 "holds 4984 decompressed bytes"),
+    "truncated labels": (TRAIN_LABELS, GOOD_LABELS[:100], "truncated: the header announces 300 labels"),
+    "truncated gzip stream": (TRAIN_IMAGES + ".gz", gzip_bytes(GOOD_IMAGES)[:3000], "truncated gzip file"),
+    "not gzip at all": (TRAIN_IMAGES + ".gz", GOOD_IMAGES, "corrupt gzip file"),
+    "corrupt gzip data": (TRAIN_IMAGES + ".gz", flipped(gzip_bytes(GOOD_IMAGES), 1000, 64), "corrupt gzip file"),
+    "labels file as images": (TRAIN_IMAGES, GOOD_LABELS, "magic number 2049, expected 2051 for images (this is a labels file)"),
+    "images file as labels": (TRAIN_LABELS + ".gz", gzip_bytes(GOOD_IMAGES), "magic number 2051, expected 2049 for labels"),
+    "text file": (TRAIN_IMAGES, b"<html>not found</html>\n", "expected 2051 for images (not an IDX file"),
+    "three bytes": (TRAIN_LABELS, b"\x00\x00\x08", "not an IDX file (only 3 bytes"),
+    "header cut": (TRAIN_IMAGES, GOOD_IMAGES[:10], "truncated header (10 of 16 bytes)"),
+    "wrong dimensions": (TRAIN_IMAGES, idx_bytes(np.zeros((300, 32, 32))), "images are 32x32, expected 28x28"),
+    "extra bytes": (TRAIN_IMAGES, GOOD_IMAGES + b"\x00" * 7, "7 unexpected bytes after the 300 images"),
+    "zero images": (TRAIN_IMAGES, idx_bytes(np.zeros((0, 28, 28))), "announces 0 images"),
+    "label out of range": (TRAIN_LABELS, idx_bytes(np.r_[tiny_labels(299), 12]), "label 12 at index 299 is outside 0..9"),
+    "count mismatch": (TRAIN_LABELS, idx_bytes(tiny_labels(299)), "300 images but train-labels-idx1-ubyte has 299 labels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_each_broken_input_gives_one_clear_line(tmp_path, case):
+    name, content, words = BROKEN[case]
+    directory = write_tiny(tmp_path / "broken", gz=False)
+    (directory / name.removesuffix(".gz")).unlink()
+    (directory / name).write_bytes(content)
+    for call in (lambda: data.validate(directory), lambda: data.load(directory, "train"),
+                 lambda: data.prepare(directory, download=False)):
+        with pytest.raises(DataError) as caught:
+            call()
+        message = str(caught.value)
+        assert words in message, message
+        assert "\n" not in message
+        shown = TRAIN_IMAGES if case == "count mismatch" else name
+        assert message.startswith(str(directory / shown) + ": "), message
+
+
+def test_missing_file_and_directory(tmp_path):
+    directory = write_tiny(tmp_path / "partial")
+    (directory / (data.FILES["test_labels"] + ".gz")).unlink()
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: file not found \(nor t10k-labels-idx1-ubyte.gz\);"
+                                        r" .* pass --data_dir DIR \(or set TF_BY_HAND_DATA_DIR=DIR\)"):
+        data.validate(directory)
+    data.load(directory, "train")  # the train split alone is complete
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte .* downloading is off; .*--data_dir DIR"):
+        data.prepare(directory, download=False)
+    with pytest.raises(DataError, match="nowhere: data directory not found; .*--data_dir DIR"):
+        data.validate(tmp_path / "nowhere")
+
+
+def test_write_idx_rejects_other_arrays(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_idx(tmp_path / "x", np.zeros((3, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"\[3, 28\]"):
+        data.write_idx(tmp_path / "x", np.zeros((3, 28), np.uint8))
