@@ -1,0 +1,201 @@
+"""Downloads against a local HTTP server on 127.0.0.1 (never the internet): complete, interrupted, corrupt."""
+import gzip
+import hashlib
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core import data
+from core.data import DataError
+from core.download import DownloadError, content_md5, download
+
+
+def tiny_files(train=120, test=40):
+    """{key: raw IDX bytes} of a tiny valid data set."""
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (train, 28, 28), dtype=np.uint8),
+              "train_labels": (np.arange(train) % 10).astype(np.uint8),
+              "test_images": rng.integers(0, 256, (test, 28, 28), dtype=np.uint8),
+              "test_labels": (np.arange(test) % 10).astype(np.uint8)}
+    files = {}
+    for key, array in arrays.items():
+        header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+        files[key] = header + array.tobytes()
+    return files
+
+
+RAW = tiny_files()
+TINY_MD5 = {key: hashlib.md5(raw).hexdigest() for key, raw in RAW.items()}
+
+
+class Server:
+    """A local HTTP server: `routes[path] = (body, mode)`; mode "ok", "truncate" (close mid-body), "hang"."""
+
+    def __init__(self):
+        self.routes = {}
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                if self.path not in server.routes:
+                    self.send_error(404, "Not Found")
+                    return
+                body, mode = server.routes[self.path]
+                if mode == "hang":
+                    time.sleep(2.0)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode == "truncate":
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/mnist/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def serve(self, name, body, mode="ok"):
+        self.routes["/mnist/" + name] = (body, mode)
+
+    def serve_tiny(self, keys=tuple(data.FILES)):
+        for key in keys:
+            self.serve(data.FILES[key] + ".gz", gzip.compress(RAW[key], mtime=0))
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    running = Server()
+    yield running
+    running.close()
+
+
+def leftovers(directory):
+    """Temporary download files left in `directory`."""
+    return [path.name for path in Path(directory).glob("*.part")] + \
+           [path.name for path in Path(directory).glob(".*")]
+
+
+def test_prepare_downloads_verifies_and_reuses(server, tmp_path, capsys):
+    server.serve_tiny()
+    directory = tmp_path / "cache" / "mnist"
+    assert data.prepare(directory, base_url=server.url, md5=TINY_MD5) == str(directory)
+    assert sorted(path.name for path in directory.iterdir()) == sorted(name + ".gz" for name in data.FILES.values())
+    assert data.validate(directory) == {"train": 120, "test": 40}
+    assert len(server.requests) == 4
+    output = capsys.readouterr().out
+    assert "train-images-idx3-ubyte.gz" in output and "100%" in output
+    data.prepare(directory, base_url=server.url, md5=TINY_MD5)
+    assert len(server.requests) == 4  # nothing fetched twice
+
+
+def test_only_missing_files_are_fetched_into_the_env_directory(server, tmp_path, monkeypatch):
+    directory = tmp_path / "from_env"
+    directory.mkdir()
+    for key in ("train_images", "train_labels", "test_images"):
+        (directory / data.FILES[key]).write_bytes(RAW[key])  # plain copies are fine
+    server.serve_tiny()
+    monkeypatch.setenv("TF_BY_HAND_DATA_DIR", str(directory))
+    assert data.prepare(base_url=server.url, md5=TINY_MD5, progress=False) == str(directory)
+    assert server.requests == ["/mnist/t10k-labels-idx1-ubyte.gz"]
+
+
+def test_interrupted_download_leaves_no_partial_file(server, tmp_path):
+    server.serve_tiny()
+    body = gzip.compress(RAW["train_images"], mtime=0)
+    server.serve("train-images-idx3-ubyte.gz", body, mode="truncate")
+    with pytest.raises(DataError) as caught:
+        data.prepare(tmp_path, base_url=server.url, md5=TINY_MD5, progress=False)
+    message = str(caught.value)
+    assert f"interrupted: received {len(body) // 2} of {len(body)} bytes; nothing was kept" in message
+    assert "--data_dir DIR" in message and "\n" not in message
+    assert not (tmp_path / "train-images-idx3-ubyte.gz").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_download_is_deleted(server, tmp_path):
+    server.serve_tiny()
+    wrong = bytearray(RAW["test_images"])
+    wrong[-1] ^= 0xFF  # a valid gzip of valid-looking IDX content, one pixel off
+    server.serve("t10k-images-idx3-ubyte.gz", gzip.compress(bytes(wrong), mtime=0))
+    with pytest.raises(DataError) as caught:
+        data.prepare(tmp_path, base_url=server.url, md5=TINY_MD5, progress=False)
+    message = str(caught.value)
+    assert (f"downloaded t10k-images-idx3-ubyte.gz from {server.url}t10k-images-idx3-ubyte.gz has MD5 "
+            f"{hashlib.md5(bytes(wrong)).hexdigest()}, expected {TINY_MD5['test_images']}") in message
+    assert "the file was deleted" in message
+    assert not (tmp_path / "t10k-images-idx3-ubyte.gz").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_download_that_is_not_gzip_is_deleted(server, tmp_path):
+    server.serve("train-labels-idx1-ubyte.gz", b"<html>a captive portal</html>")
+    with pytest.raises(DownloadError, match="is not a valid gzip file .*; the file was deleted"):
+        download(server.url + "train-labels-idx1-ubyte.gz", tmp_path / "train-labels-idx1-ubyte.gz",
+                 md5=TINY_MD5["train_labels"], progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_error_names_the_url(server, tmp_path):
+    with pytest.raises(DataError, match=r"cannot download http://127.0.0.1:\d+/mnist/train-images-idx3-ubyte.gz: "
+                                        r"HTTP 404 Not Found; to use a local copy"):
+        data.prepare(tmp_path, base_url=server.url, md5=TINY_MD5, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_says_how_to_point_at_a_copy(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DataError) as caught:
+        data.prepare(tmp_path / "offline", base_url=f"http://127.0.0.1:{port}/", progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"cannot download http://127.0.0.1:{port}/train-images-idx3-ubyte.gz: ")
+    assert message.endswith("and pass --data_dir DIR (or set TF_BY_HAND_DATA_DIR=DIR)")
+    assert "t10k-labels-idx1-ubyte" in message and "\n" not in message
+    assert leftovers(tmp_path / "offline") == []
+
+
+def test_unresponsive_server_times_out(server, tmp_path):
+    server.serve("t10k-labels-idx1-ubyte.gz", b"", mode="hang")
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="timed out"):
+        download(server.url + "t10k-labels-idx1-ubyte.gz", tmp_path / "labels.gz", timeout=0.3, progress=False)
+    assert time.monotonic() - started < 1.5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_download_without_checksum(server, tmp_path):
+    server.serve("notes.txt", b"hello")
+    path = download(server.url + "notes.txt", tmp_path / "sub" / "notes.txt", progress=False)
+    assert Path(path).read_bytes() == b"hello"
+    assert content_md5(path) == hashlib.md5(b"hello").hexdigest()
+
+
+def test_real_mnist_through_the_download_path(server, mnist_dir, tmp_path):
+    """The shipped MD5 table matches the real files' content, served as the mirror would."""
+    for name in data.FILES.values():
+        server.serve(name + ".gz", (Path(mnist_dir) / (name + ".gz")).read_bytes())
+    directory = data.prepare(tmp_path / "mirror", base_url=server.url, progress=False)
+    assert data.validate(directory) == {"train": 60000, "test": 10000}
+    assert leftovers(directory) == []
