@@ -1,0 +1,130 @@
+"""Checkpoints that survive a crash and refuse to half-restore.
+
+A `Checkpointer` wraps `tf.train.Checkpoint` + `tf.train.CheckpointManager`:
+
+- save():    ckpt-<n>.data/.index are written first (through a `ckpt-<n>_temp/` shard directory that is
+             merged at the end); only then is the small `checkpoint` index file rewritten, atomically
+             (temp file + rename). A crash before that leaves `checkpoint` naming the previous save.
+- restore(): takes the checkpoint named by `checkpoint`; if its files are missing or unreadable
+             (truncated, deleted), it falls back to the next older one the manager keeps. Before any
+             value is assigned, the names, shapes and dtypes stored in the checkpoint are compared
+             with what this model and optimizer would save; a difference raises one clear
+             `CheckpointMismatchError` (a ValueError) instead of a silent partial restore.
+"""
+import logging
+import os
+import tempfile
+
+import tensorflow as tf
+
+__all__ = ["Checkpointer", "CheckpointMismatchError", "variable_specs", "describe_mismatch"]
+
+_log = logging.getLogger(__name__)
+
+# Bookkeeping entries of every TF2 checkpoint, not part of the model's state.
+_IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/.ATTRIBUTES/VARIABLE_VALUE")
+_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint on disk was written by a different model, optimizer or trainer."""
+
+
+def variable_specs(path):
+    """{key: (shape, dtype name)} of every tensor stored in the checkpoint `path` (a prefix)."""
+    reader = tf.train.load_checkpoint(path)
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    return {key: (tuple(shapes[key]), dtypes[key].name) for key in shapes if key not in _IGNORED_KEYS}
+
+
+def _readable(key):
+    """'model/layers/1/w/.ATTRIBUTES/VARIABLE_VALUE' -> 'model/layers/1/w'."""
+    return key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) else key
+
+
+def describe_mismatch(expected, found):
+    """One line naming how the stored specs `found` differ from the `expected` ones, or None if equal."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    different = sorted(key for key in set(expected) & set(found) if expected[key] != found[key])
+    parts = []
+    if different:
+        key = different[0]
+        parts.append(f"{_readable(key)} is {list(found[key][0])} {found[key][1]} in the checkpoint but "
+                     f"{list(expected[key][0])} {expected[key][1]} here"
+                     + (f" (and {len(different) - 1} more)" if len(different) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} variable(s) missing from the checkpoint, e.g. {_readable(missing[0])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unknown variable(s) in the checkpoint, e.g. {_readable(unexpected[0])}")
+    return "; ".join(parts) or None
+
+
+class Checkpointer:
+    """Saves and restores `objects` (keyword -> trackable) in `directory`, keeping the last `keep`.
+
+    Checkpoints are numbered by the checkpoint's own save counter (ckpt-1, ckpt-2, ...), which is
+    itself saved, so numbers never repeat within a run and no save overwrites a committed one.
+    """
+
+    def __init__(self, directory, keep=3, **objects):
+        self.directory = os.fspath(directory)
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=keep)
+
+    @property
+    def latest(self):
+        """The prefix of the newest committed checkpoint, or None."""
+        return self.manager.latest_checkpoint
+
+    def save(self):
+        """Writes a new checkpoint and returns its prefix."""
+        return self.manager.save()
+
+    def expected_specs(self):
+        """What this process would save: {key: (shape, dtype)}, from a throwaway write to a temp dir."""
+        with tempfile.TemporaryDirectory(prefix="tf-by-hand-ckpt-") as scratch:
+            return variable_specs(self.checkpoint.write(os.path.join(scratch, "probe")))
+
+    def candidates(self):
+        """Committed checkpoints, newest first: the one the index names, then the older kept ones."""
+        state = tf.train.get_checkpoint_state(self.directory)
+        if state is None or not state.model_checkpoint_path:
+            return []
+        paths = [state.model_checkpoint_path] + list(reversed(state.all_model_checkpoint_paths))
+        absolute = [path if os.path.isabs(path) else os.path.join(self.directory, path) for path in paths]
+        return list(dict.fromkeys(absolute))
+
+    def restore(self):
+        """Restores the newest readable checkpoint and returns its prefix (None if there is none).
+
+        Raises CheckpointMismatchError when a readable checkpoint does not match these objects.
+        """
+        expected = None
+        for path in self.candidates():
+            try:
+                found = variable_specs(path)
+            except (tf.errors.OpError, ValueError) as error:
+                _log.warning("checkpoint %s is unreadable (%s); trying an older one", path,
+                             str(error).splitlines()[0] if str(error) else type(error).__name__)
+                continue
+            if expected is None:
+                expected = self.expected_specs()
+            problem = describe_mismatch(expected, found)
+            if problem:
+                raise CheckpointMismatchError(f"checkpoint {path} does not match this model/optimizer: {problem}")
+            try:
+                status = self.checkpoint.restore(path)
+            except tf.errors.OpError as error:
+                _log.warning("checkpoint %s could not be read (%s); trying an older one", path,
+                             str(error).splitlines()[0] if str(error) else type(error).__name__)
+                continue
+            try:
+                status.assert_consumed()
+            except AssertionError as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else "unmatched objects"
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} does not match this model/optimizer: {first}") from None
+            return path
+        return None
