@@ -1,0 +1,235 @@
+"""predict.py and core/digits.py: users' pictures become MNIST digits whatever their size and polarity,
+digits.json is read as the codelab wrote it, and every bad input is one clear line with a non-zero exit code."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from core import digits
+
+REPO = Path(__file__).resolve().parents[1]
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+SIZES = [(50, 50), (200, 120), (600, 600)]
+LINE = re.compile(r"^(?P<name>.+): (?P<cls>\d)  \((?P<top>(\d: [01]\.\d{4}(  )?)+)\)$")
+
+
+def render(text, size, dark_on_light=True, where=(0.5, 0.5), height=0.7):
+    """A digit typed with DejaVu Sans, `height` of the smaller side tall, centred at `where` (fractions)."""
+    w, h = size
+    background, ink = (255, 0) if dark_on_light else (0, 255)
+    image = Image.new("L", size, background)
+    font = ImageFont.truetype(FONT, int(min(w, h) * height))
+    ImageDraw.Draw(image).text((w * where[0], h * where[1]), text, fill=ink, font=font, anchor="mm")
+    return image
+
+
+def draw_seven(size, width, dark_on_light=True):
+    """A "7" drawn with two lines of `width` pixels."""
+    w, h = size
+    background, ink = (255, 0) if dark_on_light else (0, 255)
+    image = Image.new("L", size, background)
+    ImageDraw.Draw(image).line([(0.25 * w, 0.15 * h), (0.75 * w, 0.15 * h), (0.4 * w, 0.88 * h)], fill=ink,
+                               width=width)
+    return image
+
+
+def grey(image):
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def distance(a, b):
+    """Mean absolute difference, allowing a shift of one pixel (centring rounds to whole pixels)."""
+    return min(np.abs(np.roll(a, (dy, dx), axis=(0, 1)) - b).mean() for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def assert_mnist_like(x):
+    assert x.shape == (28, 28) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+    row, col = digits.center_of_mass(x)
+    assert abs(row - 14) <= 1 and abs(col - 14) <= 1
+    rows, cols = np.flatnonzero(x.max(axis=1) > 0), np.flatnonzero(x.max(axis=0) > 0)
+    assert 19 <= max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 <= 22
+    assert x[0].max() == x[-1].max() == x[:, 0].max() == x[:, -1].max() == 0.0
+
+
+@pytest.mark.parametrize("digit", list("0123456789"))
+def test_same_digit_whatever_the_size_position_and_polarity(digit):
+    reference = digits.to_mnist(grey(render(digit, (200, 200))))
+    assert_mnist_like(reference)
+    for size in SIZES:
+        for where in [(0.5, 0.5), (0.35, 0.6)]:
+            for dark_on_light in (True, False):
+                x = digits.to_mnist(grey(render(digit, size, dark_on_light, where)))
+                assert_mnist_like(x)
+                assert distance(x, reference) < 0.05, (size, where, dark_on_light)
+
+
+def test_uint8_rgb_and_transparent_pictures_give_the_same_digit(tmp_path):
+    base = render("4", (160, 160))
+    reference = digits.to_mnist(grey(base))
+    np.testing.assert_array_equal(digits.to_mnist(np.asarray(base)), reference)
+    base.convert("RGB").save(tmp_path / "rgb.png")
+    rgba = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    rgba.putalpha(Image.eval(base, lambda v: 255 - v))
+    rgba.save(tmp_path / "ink_on_transparent.png")
+    base.save(tmp_path / "photo.jpg", quality=80)
+    for name in ["rgb.png", "ink_on_transparent.png", "photo.jpg"]:
+        ((_, x),) = digits.read_inputs(tmp_path / name)
+        assert distance(x, reference) < 0.03, name
+
+
+def test_thin_pen_strokes_are_thickened_to_mnist_strokes():
+    sevens = [digits.to_mnist(grey(draw_seven((600, 600), width, dark))) for width in (1, 3, 30)
+              for dark in (True, False)]
+    for x in sevens:
+        assert_mnist_like(x)
+        assert 2.0 <= digits.stroke_width(x) <= 4.5
+        assert distance(x, sevens[-1]) < 0.06
+
+
+def test_mnist_digits_come_back_as_they_were(mnist_dir):
+    """MNIST digits were made by this very procedure: blown up 10x and inverted, they come back."""
+    from quick_mnist_model import mnist_test_set
+
+    images, _ = mnist_test_set(mnist_dir)
+    errors = []
+    for image in images[:50]:
+        big = Image.fromarray(255 - image).resize((280, 280), Image.BICUBIC)
+        errors.append(distance(digits.to_mnist(grey(big)), image / 255.0))
+    assert np.mean(errors) < 0.04 and max(errors) < 0.15
+
+
+def test_digits_json_as_the_codelab_writes_it(tmp_path):
+    one = np.zeros((28, 28)).tolist()
+    one[10][14] = one[11][14] = 1.0
+    path = tmp_path / "digits.json"
+    path.write_text(json.dumps({"image": one}) + "\n\n" + json.dumps({"image": np.array(one)[..., None].tolist()})
+                    + "\n" + json.dumps({"image": np.ravel(one).tolist()})
+                    + "\n" + json.dumps({"image": [one, one]}) + "\n")
+    got = digits.read_digits_json(path)
+    assert [name for name, _ in got] == [f"{path}:1", f"{path}:3", f"{path}:4", f"{path}:5[0]", f"{path}:5[1]"]
+    for _, x in got:
+        np.testing.assert_array_equal(x, np.array(one, np.float32))
+    serving_body = tmp_path / "request.json"
+    serving_body.write_text(json.dumps({"instances": [{"image": one}, {"image": one}]}, indent=2))
+    assert [name for name, _ in digits.read_inputs(serving_body)] == [f"{serving_body}[0]", f"{serving_body}[1]"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"image": [[0.5, 0.5], [0.5, 0.5]]}', r"digits.json:1: \"image\" has shape \[2, 2\], expected \[28, 28\]"),
+    ('{"pixels": []}', r"digits.json:1: expected an object with key \"image\""),
+    ('{"image": ' + json.dumps(np.full((28, 28), 255).tolist()) + "}", r"must be in \[0, 1\].*divide"),
+    ('{"image": ' + json.dumps(np.zeros((28, 28)).tolist()) + "}", r"digits.json:1: blank image"),
+    ('{"image": ' + json.dumps(np.ones((28, 28)).tolist()) + '}\n{"image": [1, 2', r"digits.json:2: not valid JSON"),
+    ("", r"digits.json: no images"),
+])
+def test_digits_json_errors_name_the_line(tmp_path, content, message):
+    path = tmp_path / "digits.json"
+    path.write_text(content)
+    with pytest.raises(digits.DigitError, match=message) as raised:
+        digits.read_digits_json(path)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def model_dir(mnist_dir, tmp_path_factory):
+    from core import export
+    from quick_mnist_model import train_quick_model
+
+    model, _ = train_quick_model(mnist_dir)
+    return export.export_saved_model(model, tmp_path_factory.mktemp("predict") / "export")
+
+
+def predict(*args, cwd=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(REPO / "predict.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def parse(stdout):
+    lines = stdout.splitlines()
+    matches = [LINE.match(line) for line in lines]
+    assert all(matches), lines
+    return {m["name"]: (int(m["cls"]), [(int(c), float(p)) for c, p in re.findall(r"(\d): ([\d.]+)", m["top"])])
+            for m in matches}
+
+
+def test_predict_classifies_rendered_digits_and_digits_json(model_dir, mnist_dir, tmp_path):
+    from quick_mnist_model import mnist_test_set
+
+    files, truth = [], {}
+    for digit in "0123456789":
+        for k, (size, dark, ext) in enumerate([((50, 50), True, "png"), ((200, 120), False, "jpg"),
+                                               ((600, 600), False, "png")]):
+            path = tmp_path / f"{digit}_{k}.{ext}"
+            render(digit, size, dark).save(path)
+            files.append(path.name)
+            truth[path.name] = int(digit)
+    images, labels = mnist_test_set(mnist_dir)
+    with open(tmp_path / "digits.json", "w") as f:
+        for image in images[:10]:
+            f.write(json.dumps({"image": (image / 255.0).tolist()}) + "\n")
+    preview = tmp_path / "seen.png"
+    result = predict("--model_dir", model_dir, "--save_preview", preview, "--top_k=5",
+                     f"--inputs={files[0]},{files[1]}", *files[2:], "digits.json", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    predictions = parse(result.stdout)
+    assert list(predictions) == files + [f"digits.json:{i}" for i in range(1, 11)]
+    for cls, top in predictions.values():
+        assert len(top) == 5 and top[0][0] == cls
+        assert [p for _, p in top] == sorted((p for _, p in top), reverse=True)
+        assert 0.0 <= sum(p for _, p in top) <= 1.0001
+    typed_right = sum(predictions[name][0] == digit for name, digit in truth.items())
+    assert typed_right >= 0.7 * len(truth), typed_right
+    assert sum(predictions[f"digits.json:{i + 1}"][0] == labels[i] for i in range(10)) >= 8
+    assert Image.open(preview).size == (10 * 114 + 2, 4 * (112 + 16 + 2) + 2)
+
+
+def test_predict_reports_bad_inputs_and_classifies_the_rest(model_dir, tmp_path):
+    render("3", (90, 90)).save(tmp_path / "three.png")
+    Image.new("L", (64, 64), 230).save(tmp_path / "blank.png")
+    result = predict("--model_dir", model_dir, "three.png", "blank.png", "--top_k=1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["predict.py: error: blank.png: blank image, no digit found "
+                                          "(contrast 0.00 < 0.15)"]
+    assert list(parse(result.stdout)) == ["three.png"]
+
+
+@pytest.mark.parametrize("setup, args, code, message", [
+    ("garbage", ["--model_dir", "{model}", "broken.png"], 1, r"broken.png: cannot read image"),
+    (None, ["--model_dir", "{model}", "missing.png"], 1, r"missing.png: no such file"),
+    ("wrong_shape", ["--model_dir", "{model}", "digits.json"], 1, r"digits.json:1: \"image\" has shape \[28, 27\]"),
+    ("blank", ["--model_dir", "{model}", "blank.jpg"], 1, r"blank.jpg: blank image, no digit found"),
+    ("garbage", ["--model_dir", "no_such_dir", "broken.png"], 1, r"--model_dir no_such_dir: no such directory"),
+    ("garbage", ["--model_dir", ".", "broken.png"], 1, r"--model_dir \.: not a SavedModel"),
+    (None, ["digit.png"], 2, r"--model_dir must have a value"),
+    (None, ["--model_dir", "{model}", "--colour=red", "digit.png"], 2, r"Unknown command line flag 'colour'"),
+    (None, ["--model_dir", "{model}", "--top_k=11", "digit.png"], 2, r"--top_k=11: 11 is not an integer in the range"),
+    (None, ["--model_dir", "{model}"], 2, r"no inputs"),
+])
+def test_errors_are_one_line_with_an_exit_code(tmp_path, setup, args, code, message):
+    """No model is loaded in any of these cases (inputs and flags are checked before TensorFlow starts)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "saved_model.pb").write_bytes(b"never read")
+    if setup == "garbage":
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    elif setup == "wrong_shape":
+        (tmp_path / "digits.json").write_text(json.dumps({"image": np.zeros((28, 27)).tolist()}) + "\n")
+    elif setup == "blank":
+        Image.new("RGB", (300, 200), (250, 250, 245)).save(tmp_path / "blank.jpg")
+    result = predict(*[a.format(model=model) for a in args], cwd=tmp_path)
+    assert result.returncode == code
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("predict.py: error: ")
+    assert re.search(message, lines[0]), lines[0]
