@@ -140,7 +140,9 @@ def load(data_dir, split, flat=False):
     """The `split` ("train" or "test") as a cached Dataset of (image, label).
 
     image: float32 [28, 28, 1] (or [784] if `flat`), x = pixel / 255 in [0, 1]; label: int32 scalar.
-    The files are validated first (once per process); the cardinality is known.
+    The files are validated first (once per process) and read once now, so the in-memory cache
+    is complete before training: every epoch, and take()/skip() of any part, reads memory.
+    The cardinality is known.
     """
     if split not in SPLITS:
         raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -158,7 +160,12 @@ def load(data_dir, split, flat=False):
     images = _records(image_path, IMAGE_HEADER_BYTES, IMAGE_BYTES).batch(DECODE_BATCH).map(decode_images)
     labels = _records(label_path, LABEL_HEADER_BYTES, 1).batch(DECODE_BATCH).map(decode_labels)
     dataset = tf.data.Dataset.zip((images, labels)).unbatch()
-    return dataset.apply(tf.data.experimental.assert_cardinality(count)).cache()
+    cached = dataset.apply(tf.data.experimental.assert_cardinality(count)).cache()
+    try:
+        _fill_cache(cached)
+    except tf.errors.OpError as error:  # the files changed since they were validated
+        raise DataError(f"{image_path}: cannot read {split} data ({error.message.splitlines()[0]})") from None
+    return cached
 
 
 def epoch_seed(seed, epoch):
@@ -194,17 +201,15 @@ def evaluation_batches(dataset, batch_size=1000):
 
 
 def split_validation(dataset, count=5000):
-    """(first N - count examples, last count examples) of a cached dataset of known size N.
+    """(first N - count examples, last count examples) of a dataset of known size N (from load()).
 
-    Reads `dataset` once now so that its cache is complete: take() and skip() then share it
-    (a cache that is only partly read is thrown away by tf.data and the files re-read).
+    Both parts read the cache of `dataset`, which load() has already filled.
     """
     size = int(dataset.cardinality())
     if size < 0:
         raise ValueError("split_validation: the dataset size is unknown; pass a dataset from load()")
     if not 0 < count < size:
         raise ValueError(f"split_validation: count must be in 1..{size - 1}, got {count}")
-    dataset.batch(DECODE_BATCH).reduce(np.int64(0), lambda batches, _: batches + 1)
     keep = size - count
     return dataset.take(keep), dataset.skip(keep)
 
@@ -223,6 +228,12 @@ def write_idx(path, array):
     with opener(path, "wb") as stream:
         stream.write(header + array.tobytes())
     return str(path)
+
+
+def _fill_cache(dataset):
+    """Reads `dataset` to the end once. tf.data keeps an in-memory cache only when an iterator
+    reaches the end; one that stops early (a partial epoch, take()) throws the partial cache away."""
+    dataset.batch(DECODE_BATCH).reduce(np.int64(0), lambda batches, _: batches + 1)
 
 
 def _records(path, header_bytes, record_bytes):

@@ -1,5 +1,6 @@
 """core.data: validation errors, decoding, the training/evaluation pipelines, on real and tiny IDX files."""
 import gzip
+import os
 import shutil
 
 import numpy as np
@@ -186,6 +187,27 @@ def test_cache_is_shared_by_all_epochs(tmp_path):
     shutil.rmtree(directory)  # later epochs must come from the cache, not from the files
     second = epoch_indices(train, 50, seed=0, epoch=1)
     assert sorted(first) == sorted(second) == list(range(200)) and not np.array_equal(first, second)
+
+
+def test_partial_epochs_keep_the_cache(tmp_path):
+    directory = write_tiny(tmp_path / "partial", train=200, test=20)
+    train = data.load(directory, "train")
+    shutil.rmtree(directory)  # load() filled the cache: stopping epochs early must not lose it
+    for epoch in range(3):
+        batches = data.training_batches(train, 10, seed=0, epoch=epoch, shuffle_buffer=20)
+        assert len(list(batches.take(2))) == 2
+    assert sorted(epoch_indices(train, 50, seed=0, epoch=3)) == list(range(200))
+
+
+def test_file_changed_after_validation_still_gives_a_data_error(tmp_path):
+    directory = write_tiny(tmp_path / "changed")
+    data.validate(directory)
+    path = directory / (data.FILES["train_images"] + ".gz")
+    status = path.stat()
+    path.write_bytes(flipped(path.read_bytes(), 2000, 64))  # same size; same mtime below
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: cannot read train data \("):
+        data.load(directory, "train")
 
 
 def test_split_validation_holds_out_the_last_examples(tmp_path):
