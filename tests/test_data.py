@@ -2,6 +2,9 @@
 import gzip
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +181,30 @@ def test_same_seed_and_epoch_same_order_other_epoch_or_seed_other_order(tiny_dir
                                   np.concatenate([indices(x) for x, _ in once]))
     assert not np.array_equal(first, epoch_indices(train, 32, seed=3, epoch=1))
     assert not np.array_equal(first, epoch_indices(train, 32, seed=4, epoch=0))
+
+
+RESUMED_RUN = """
+import sys
+import numpy as np
+import tensorflow as tf
+from core import data
+tf.random.set_seed(5)  # as train.py does with --seed
+test = data.load(sys.argv[1], "test")
+for epoch in (2, 3):
+    batches = data.training_batches(test, 100, seed=3, epoch=epoch, shuffle_buffer=10000).take(3)
+    print(epoch, np.concatenate([labels.numpy() for _, labels in batches]).tolist())
+"""
+
+
+def test_a_fresh_process_sees_the_same_batches(mnist_dir):
+    """The resume guarantee: another process with the same seeds gets the same batches of an epoch."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TF_CPP_MIN_LOG_LEVEL="2")
+    runs = [subprocess.Popen([sys.executable, "-c", RESUMED_RUN, mnist_dir], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0].splitlines() for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    assert outputs[0][0].split(" ", 1)[1] != outputs[0][1].split(" ", 1)[1]  # epochs 2 and 3 differ
 
 
 def test_cache_is_shared_by_all_epochs(tmp_path):
