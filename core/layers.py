@@ -85,6 +85,11 @@ class Layer(tf.Module):
         return f"{type(self).__name__} '{self.name}'"
 
     def __call__(self, x, training=False):
+        """y = layer(x); `training` is a Python bool (batch statistics and dropout masks when True)."""
+        if tf.is_tensor(training):
+            raise ValueError(f"{self}: training must be a Python bool (trace one tf.function per mode), "
+                             f"got a tensor {training!r}")
+        training = bool(training)
         x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
         if x.dtype != tf.float32:
             x = tf.cast(x, tf.float32)

@@ -358,6 +358,8 @@ def test_errors_name_the_layer_and_the_shapes():
         layers.Dense(3, activation="gelu2")
     with pytest.raises(ValueError, match=r"Dense 'dense': unknown kernel_init 'he'"):
         layers.Dense(3, kernel_init="he")
+    with pytest.raises(ValueError, match=r"BatchNorm 'batch_norm': training must be a Python bool"):
+        layers.BatchNorm()(tf.zeros([2, 3]), training=tf.constant(True))
     model = layers.Sequential([layers.Flatten(), layers.Dense(10)])
     with pytest.raises(ValueError, match=r"Sequential 'sequential' is not built"):
         model.count_params()
