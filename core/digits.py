@@ -158,12 +158,22 @@ def _thicken(x):
 
 
 def _max_filter(x, k):
-    """y[i, j] = max of x over the k x k square centred on (i, j) (separable: rows, then columns)."""
-    r = k // 2
-    p = np.pad(x, ((r, r), (0, 0)))
-    y = np.max([p[i:i + x.shape[0]] for i in range(k)], axis=0)
-    p = np.pad(y, ((0, 0), (r, r)))
-    return np.max([p[:, i:i + x.shape[1]] for i in range(k)], axis=0)
+    """y[i, j] = max of x over the k x k square centred on (i, j): a running max along rows, then columns."""
+    return _running_max(_running_max(x, k, axis=0), k, axis=1)
+
+
+def _running_max(x, k, axis):
+    """y[i] = max(x[i - k//2 .. i + k//2]) along `axis` (zeros outside), in O(n) for any odd k (van Herk /
+    Gil-Werman): in blocks of k, prefix maxima g and suffix maxima h give y[i] = max(h[i], g[i + k - 1])."""
+    x = np.moveaxis(x, axis, 0)
+    n, r = x.shape[0], k // 2
+    length = -(-(n + 2 * r) // k) * k
+    p = np.zeros((length,) + x.shape[1:], x.dtype)
+    p[r:r + n] = x
+    blocks = p.reshape((length // k, k) + x.shape[1:])
+    g = np.maximum.accumulate(blocks, axis=1).reshape(p.shape)
+    h = np.maximum.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].reshape(p.shape)
+    return np.moveaxis(np.maximum(h[:n], g[k - 1:k - 1 + n]), 0, axis)
 
 
 def _scale_to_box(x):

@@ -93,6 +93,19 @@ def test_thin_pen_strokes_are_thickened_to_mnist_strokes():
         assert distance(x, sevens[-1]) < 0.06
 
 
+def test_photo_like_picture_noisy_paper_and_blue_ink(tmp_path):
+    """Off-white paper with a shadow gradient and sensor noise, blue ballpoint ink, saved as JPEG."""
+    clean = digits.to_mnist(grey(draw_seven((300, 300), 12)))
+    ink = np.asarray(draw_seven((1200, 900), 10), np.float32)[..., None] / 255.0
+    paper = np.array([235, 228, 215], np.float32) * np.linspace(1.0, 0.8, 1200)[None, :, None]
+    pen = np.array([40, 50, 140], np.float32)
+    picture = ink * paper + (1 - ink) * pen + np.random.default_rng(0).normal(0, 6, (900, 1200, 3))
+    Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(tmp_path / "photo.jpg", quality=85)
+    ((_, x),) = digits.read_inputs(tmp_path / "photo.jpg")
+    assert_mnist_like(x)
+    assert distance(x, clean) < 0.06
+
+
 def test_mnist_digits_come_back_as_they_were(mnist_dir):
     """MNIST digits were made by this very procedure: blown up 10x and inverted, they come back."""
     from quick_mnist_model import mnist_test_set
