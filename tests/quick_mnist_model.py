@@ -1,5 +1,6 @@
 """A small model trained for a few seconds on real MNIST with the project's own trainer (for the export and
 predict tests), and a plain numpy reader of the gzipped IDX files."""
+import functools
 import gzip
 import os
 
@@ -25,11 +26,13 @@ def mnist_test_set(mnist_dir):
             read_idx(os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz")))
 
 
+@functools.lru_cache(maxsize=None)
 def train_quick_model(mnist_dir, steps=300, seed=1):
     """Flatten -> Dense(64) -> BatchNorm -> relu -> Dropout(0.2) -> Dense(10), Adam, `steps` batches of 100.
 
     BatchNorm and Dropout make the export prove it runs in inference mode (moving statistics, no dropout).
-    Returns (model, the test accuracy the trainer reported after the epoch).
+    Returns (model, the test accuracy the trainer reported after the epoch); trained once per process, the
+    export and predict tests share it (they only read it).
     """
     tf.random.set_seed(seed)
     model = layers.Sequential([layers.Flatten(), layers.Dense(64), layers.BatchNorm(), layers.Activation("relu"),
