@@ -6,7 +6,8 @@ A `Checkpointer` wraps `tf.train.Checkpoint` + `tf.train.CheckpointManager`:
              merged at the end); only then is the small `checkpoint` index file rewritten, atomically
              (temp file + rename). A crash before that leaves `checkpoint` naming the previous save.
 - restore(): takes the checkpoint named by `checkpoint`; if its files are missing or unreadable
-             (truncated, deleted), it falls back to the next older one the manager keeps. Before any
+             (truncated, deleted), it falls back to the next older one the manager keeps (and raises
+             CheckpointUnreadableError if none is readable, rather than silently start over). Before any
              value is assigned, the names, shapes and dtypes stored in the checkpoint are compared
              with what this model and optimizer would save; a difference raises one clear
              `CheckpointMismatchError` (a ValueError) instead of a silent partial restore.
@@ -17,7 +18,8 @@ import tempfile
 
 import tensorflow as tf
 
-__all__ = ["Checkpointer", "CheckpointMismatchError", "variable_specs", "describe_mismatch"]
+__all__ = ["Checkpointer", "CheckpointMismatchError", "CheckpointUnreadableError", "variable_specs",
+           "describe_mismatch"]
 
 _log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ _SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk was written by a different model, optimizer or trainer."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """Checkpoints were committed in the directory but none of them can be read."""
 
 
 def variable_specs(path):
@@ -97,17 +103,18 @@ class Checkpointer:
         return list(dict.fromkeys(absolute))
 
     def restore(self):
-        """Restores the newest readable checkpoint and returns its prefix (None if there is none).
+        """Restores the newest readable checkpoint and returns its prefix (None if none was ever committed).
 
-        Raises CheckpointMismatchError when a readable checkpoint does not match these objects.
+        Raises CheckpointMismatchError when a readable checkpoint does not match these objects, and
+        CheckpointUnreadableError when checkpoints were committed but none of them can be read.
         """
         expected = None
+        failures = []
         for path in self.candidates():
             try:
                 found = variable_specs(path)
-            except (tf.errors.OpError, ValueError) as error:
-                _log.warning("checkpoint %s is unreadable (%s); trying an older one", path,
-                             str(error).splitlines()[0] if str(error) else type(error).__name__)
+            except Exception as error:  # a missing or damaged .index file
+                failures.append(_warn_unreadable(path, error))
                 continue
             if expected is None:
                 expected = self.expected_specs()
@@ -116,9 +123,8 @@ class Checkpointer:
                 raise CheckpointMismatchError(f"checkpoint {path} does not match this model/optimizer: {problem}")
             try:
                 status = self.checkpoint.restore(path)
-            except tf.errors.OpError as error:
-                _log.warning("checkpoint %s could not be read (%s); trying an older one", path,
-                             str(error).splitlines()[0] if str(error) else type(error).__name__)
+            except Exception as error:  # names and shapes matched, so the data file is damaged
+                failures.append(_warn_unreadable(path, error))
                 continue
             try:
                 status.assert_consumed()
@@ -127,4 +133,13 @@ class Checkpointer:
                 raise CheckpointMismatchError(
                     f"checkpoint {path} does not match this model/optimizer: {first}") from None
             return path
+        if failures:
+            raise CheckpointUnreadableError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
+
+
+def _warn_unreadable(path, error):
+    text = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    _log.warning("checkpoint %s is unreadable (%s); trying an older one", path, reason)
+    return f"{os.path.basename(path)} ({reason})"

@@ -27,12 +27,12 @@ import time
 
 import tensorflow as tf
 
-from core.checkpoint import Checkpointer, CheckpointMismatchError
+from core.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointUnreadableError
 from core.losses import softmax_cross_entropy
 from core.metrics import Accuracy, Mean
 from core.progress import ProgressBar
 
-__all__ = ["Trainer", "History", "Callback", "NonFiniteError", "CheckpointMismatchError"]
+__all__ = ["Trainer", "History", "Callback", "NonFiniteError", "CheckpointMismatchError", "CheckpointUnreadableError"]
 
 
 class NonFiniteError(RuntimeError):
