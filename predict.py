@@ -1,7 +1,7 @@
 """Classify your own digits with a model exported by train.py.
 
-  python predict.py --model_dir runs/conv/export seven.png photo_of_a_3.jpg digits.json
-  python predict.py --model_dir runs/conv/export --inputs=a.png,b.jpg --save_preview=seen.png --top_k=3
+  python predict.py --model_dir runs/conv/saved_model seven.png photo_of_a_3.jpg digits.json
+  python predict.py --model_dir runs/conv/saved_model --inputs=a.png,b.jpg --save_preview=seen.png --top_k=3
 
 Inputs: pictures of one digit (PNG, JPEG, ... any size, dark on light or light on dark), converted the way MNIST
 was made (core/digits.py), or the codelab's digits.json (one {"image": 28x28 floats in [0, 1]} per line).
