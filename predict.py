@@ -19,7 +19,7 @@ from core import digits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "SavedModel directory written by train.py (<run dir>/saved_model, or "
-                    "--export_dir), or a TensorFlow Serving model directory of numbered versions (the highest is used).")
+                    "--export_dir), or a TensorFlow Serving model directory of numbered versions (highest used).")
 flags.DEFINE_list("inputs", [], "Comma-separated input files, classified before the positional ones: images "
                   "(PNG, JPEG, ...) or digits.json files (.json/.jsonl/.ndjson).")
 flags.DEFINE_string("save_preview", None, "Write a PNG of what the model saw: the 28x28 inputs, 4x bigger, "
