@@ -16,7 +16,7 @@ inside one `tf.function` traced once (its input signature has a None batch dimen
 the batch's accuracy to metric variables. Python reads those variables only at log points (every
 `log_every` steps), checkpoints and epoch ends, never on every step.
 
-Guarding the math: in the same compiled step, L, every gradient and (after the update) every variable
+Guarding the math: in the same compiled step, L, every gradient and (after the update) every model variable
 are checked with is_finite. The first non-finite value records its step, learning rate and which tensor
 in variables and the update is not applied; every later step is a no-op. The loop reads that record at
 its next log point, checkpoint or epoch end and raises NonFiniteError before anything is saved, so the
@@ -200,25 +200,20 @@ class Trainer:
         self._trainable = list(self.model.trainable_variables)
         if not self._trainable:
             raise ValueError("the model has no trainable variables")
-        self._guarded = _unique([variable for variable in list(self.model.variables) + list(self.optimizer.variables)
-                                 if variable.dtype.is_floating])
+        # Checked after each update: weights and moving statistics. Not the optimizer's slots: an
+        # overflowing Adam v leaves the weights finite (a stall, not a NaN) and would double the cost.
+        self._guarded = _unique([variable for variable in self.model.variables if variable.dtype.is_floating])
         self._names = self._variable_names()
         self.built = True
 
     def _variable_names(self):
-        """{variable ref: readable name}, e.g. 'dense_1/w', 'optimizer m of dense_1/w'."""
+        """{variable ref: readable name}, e.g. 'dense_1/w' (layer name as in the summary / attribute)."""
         names = {}
         layers = list(getattr(self.model, "layers", []))
         for layer_name, layer in zip(getattr(self.model, "layer_names", [layer.name for layer in layers]), layers):
             for attribute, value in vars(layer).items():
                 if isinstance(value, tf.Variable):
                     names[value.ref()] = f"{layer_name}/{attribute}"
-        for attribute, value in vars(self.optimizer).items():
-            if (isinstance(value, (list, tuple)) and len(value) == len(self._trainable)
-                    and all(isinstance(slot, tf.Variable) for slot in value)):
-                for slot, variable in zip(value, self._trainable):
-                    names.setdefault(slot.ref(), f"optimizer {attribute.lstrip('_')} of "
-                                                 f"{names.get(variable.ref(), variable.name)}")
         return names
 
     def variable_name(self, variable):
@@ -377,8 +372,9 @@ class Trainer:
                 self.train_loss.reset()
                 self.train_accuracy.reset()
             started = time.monotonic()
-            bar = ProgressBar(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", enabled=self.progress)
-            bar.update(skip)
+            # A resumed epoch's bar counts the batches still to do, so its rate and ETA stay honest.
+            bar = ProgressBar(total=None if total is None else total - skip, unit="step", enabled=self.progress,
+                              desc=f"epoch {epoch + 1}/{epochs}" + (f" (resumed after step {skip})" if skip else ""))
             step_in_epoch = skip
             skip = 0
             try:
