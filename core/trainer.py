@@ -311,12 +311,13 @@ class Trainer:
             self.history = History.from_json(self._history_text.numpy().decode("utf-8"))
 
     def save(self, epoch, step_in_epoch):
-        """Checks the NaN guard, then saves a checkpoint of the run at (completed epochs, batches into the next)."""
-        if self.checkpointer is None:
-            return None
+        """Checks the NaN guard, records where the run is (completed epochs, batches into the next one)
+        and, with a checkpoint_dir, saves a checkpoint of it. Returns the checkpoint's prefix or None."""
         self.check_finite()
         self.epoch.assign(epoch)
         self.step_in_epoch.assign(step_in_epoch)
+        if self.checkpointer is None:
+            return None
         self._history_text.assign(self.history.to_json())
         return self.checkpointer.save()
 

@@ -126,7 +126,9 @@ def test_no_host_reads_per_step(monkeypatch):
     trainer = make_trainer(log_every=1000)
     trainer.fit(lambda epoch: synthetic(EXAMPLES * 4).batch(BATCH), epochs=1)  # 32 steps
     assert int(trainer.optimizer.step.numpy()) == 32
-    assert len(reads) == 2 and len(checks) == 1  # epoch end: loss and accuracy, one NaN-guard read
+    # Per epoch, not per step: the epoch's loss and accuracy, and the NaN guard read after the last
+    # batch and again before the epoch-end save.
+    assert len(reads) == 2 and len(checks) == 2
 
 
 def test_schedule_drives_learning_rate_from_optimizer_step():
@@ -144,6 +146,25 @@ def test_fit_accepts_a_single_dataset_and_steps_per_epoch():
     history = trainer.fit(synthetic().batch(BATCH).repeat(), epochs=2, steps_per_epoch=5)
     assert [entry["step"] for entry in history.epochs] == [5, 10]
     assert "val_loss" not in history.epochs[0]
+
+
+def test_fit_again_continues_the_same_run():
+    """Without checkpoints too, `epochs` counts the epochs already done and a stop resumes mid-epoch."""
+
+    class StopAtStep(Callback):
+        def on_log(self, step, logs):
+            if step == 12:
+                trainer.stop_training = True
+
+    trainer = make_trainer(log_every=4, callbacks=[StopAtStep()])
+    trainer.fit(epochs_of(synthetic()), epochs=1)
+    trainer.fit(epochs_of(synthetic()), epochs=3)  # stops at step 12, in the middle of epoch 2
+    assert int(trainer.optimizer.step.numpy()) == 12 and int(trainer.step_in_epoch.numpy()) == 4
+    trainer.callbacks = []
+    history = trainer.fit(epochs_of(synthetic()), epochs=3)
+    assert int(trainer.optimizer.step.numpy()) == 24
+    assert [entry["step"] for entry in history.epochs] == [8, 16, 24]
+    assert [entry["step"] for entry in history.steps] == [4, 8, 12, 16, 20, 24]
 
 
 @pytest.mark.parametrize("bad, message", [
