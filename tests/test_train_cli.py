@@ -1,0 +1,256 @@
+"""train.py end to end, as a user runs it: a subprocess on real MNIST, its console, exit codes and run directory."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from keras_twins import KERAS_TWINS, keras_counts
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train.py")
+
+
+def train(*args, cwd=None):
+    """Runs train.py with `args`; returns the CompletedProcess (text stdout/stderr)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def assert_one_error_line(result, code, pattern):
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def softmax_run(mnist_dir, tmp_path_factory):
+    """One short softmax run: 1 epoch of 30 steps, logged every 10 steps."""
+    logdir = tmp_path_factory.mktemp("runs")
+    result = train("--model=softmax", "--epochs=1", "--steps_per_epoch=30", "--log_every=10",
+                   f"--data_dir={mnist_dir}", f"--logdir={logdir}", "--run_name=quick",
+                   f"--export_dir={logdir / 'exported'}")
+    return result, logdir / "quick"
+
+
+def test_cli_trains_and_prints_the_closing_lines(softmax_run):
+    result, run_dir = softmax_run
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"^epoch 1/1  step 30  loss \d\.\d{4}  accuracy [\d.]+%  \| test loss [\d.]+  "
+                     r"accuracy [\d.]+%", out, re.M), out
+    assert re.search(r"^test accuracy: final [\d.]+%, best [\d.]+% \(epoch 1\)", out, re.M), out
+    assert re.search(r"^wall time: [\d.]+ s \(30 steps, 1 epoch\)", out, re.M), out
+    for what in ("logs:", "pictures:", "checkpoints:", "saved model:", "metrics:"):
+        assert re.search(rf"^{what} ", out, re.M), out
+    assert str(run_dir) in out
+    assert "Traceback" not in result.stderr and "I0000" not in result.stderr and "oneDNN" not in result.stderr
+
+
+def test_cli_writes_metrics_config_checkpoint_and_saved_models(softmax_run):
+    result, run_dir = softmax_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"] == "softmax" and metrics["steps"] == 30 and metrics["epochs"] == 1
+    assert 0.1 < metrics["test_accuracy"] <= 1.0
+    assert metrics["best_val_accuracy"] == pytest.approx(metrics["test_accuracy"])  # validation = test set
+    assert metrics["params"] == {"total": 7850, "trainable": 7850, "non_trainable": 0}
+    assert f"{100 * metrics['test_accuracy']:.2f}%" in result.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "softmax" and config["optimizer"] == "sgd" and config["batch_size"] == 100
+    assert (run_dir / "checkpoints" / "checkpoint").exists()
+    assert glob.glob(str(run_dir / "checkpoints" / "ckpt-*.index"))
+    for saved_model in (run_dir / "saved_model", run_dir.parent / "exported"):
+        assert (saved_model / "saved_model.pb").exists(), saved_model
+    assert [os.path.abspath(p) for p in metrics["saved_model"]] == [
+        str((run_dir / "saved_model").resolve()), str((run_dir.parent / "exported").resolve())]
+
+
+def test_cli_leaves_pictures(softmax_run):
+    _, run_dir = softmax_run
+    pictures = sorted(p.name for p in run_dir.glob("*.png"))
+    assert pictures, "no PNG in the run directory"
+    assert json.loads((run_dir / "metrics.json").read_text())["pictures"] == pictures
+    for name in pictures:
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _event_tags(run_dir):
+    """{plugin name: set of tags} over every event file under run_dir, plus 'graph' if a graph was written."""
+    tags = {}
+    files = glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)
+    assert files, f"no event files under {run_dir}"
+    for path in files:
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            if event.graph_def:
+                tags.setdefault("graph", set()).add("graph")
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name or "other"
+                tags.setdefault(plugin, set()).add(value.tag)
+    return tags
+
+
+def test_cli_writes_tensorboard_scalars_histograms_images(softmax_run):
+    _, run_dir = softmax_run
+    tags = _event_tags(run_dir)
+    scalars = " ".join(sorted(tags.get("scalars", ())))
+    for name in ("loss", "accuracy", "learning_rate"):
+        assert name in scalars, tags
+    assert any("val" in tag or "test" in tag for tag in tags.get("scalars", ())), tags
+    histograms = " ".join(sorted(tags.get("histograms", ())))
+    assert "logits" in histograms and "/w" in histograms and "/b" in histograms, tags
+    assert tags.get("images"), tags
+    assert "hparams" in tags, tags
+
+
+def test_summary_counts_equal_keras(tmp_path):
+    result = train("--model=conv_bn", "--summary", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    counts = [int(re.search(rf"^{what} params: ([\d,]+)$", result.stdout, re.M).group(1).replace(",", ""))
+              for what in ("Total", "Trainable", "Non-trainable")]
+    assert tuple(counts) == keras_counts(KERAS_TWINS["conv_bn"]()) == (354_538, 354_002, 536)
+    assert "y = conv2d(x[N,28,28,1], w[3,3,1,12], stride 1, same)" in result.stdout
+    assert "Training: adam lr = 0.01 * 0.666^epoch, batch 64, 10 epochs" in result.stdout
+    assert not list(tmp_path.iterdir()), "--summary must not write anything"
+
+
+@pytest.mark.parametrize("name", list(KERAS_TWINS))
+def test_summary_of_every_model_equals_keras(name, capsys):
+    import train as train_module
+    from models import REGISTRY
+    train_module.print_summary(train_module.make_config({"model": name}, REGISTRY), REGISTRY)
+    out = capsys.readouterr().out
+    total = int(re.search(r"^Total params: ([\d,]+)$", out, re.M).group(1).replace(",", ""))
+    non_trainable = int(re.search(r"^Non-trainable params: ([\d,]+)$", out, re.M).group(1).replace(",", ""))
+    expected = keras_counts(KERAS_TWINS[name]())
+    assert (total, non_trainable) == (expected[0], expected[2])
+
+
+def test_list_models(tmp_path):
+    result = train("--list_models", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = re.findall(r"^(\w+)$", result.stdout, re.M)
+    assert names == list(KERAS_TWINS)
+    assert "lr = 0.0001 + 0.02 * 0.3679^(step/1600), batch 100" in result.stdout
+    assert result.stdout.count("target:") == len(names)
+
+
+BAD_FLAGS = [
+    (["--model=nope"], r"unknown model 'nope'; choose one of: softmax, .*conv_small"),
+    (["--epochs=0"], r"--epochs must be a positive integer, got 0"),
+    (["--batch_size=-5"], r"--batch_size must be a positive integer, got -5"),
+    (["--steps_per_epoch=0"], r"--steps_per_epoch must be a positive integer, got 0"),
+    (["--learning_rate=0"], r"--learning_rate must be > 0, got 0"),
+    (["--learning_rate=-0.1"], r"--learning_rate must be > 0, got -0.1"),
+    (["--dropout=1"], r"--dropout must be in \[0, 1\), got 1"),
+    (["--dropout=-0.2"], r"--dropout must be in \[0, 1\), got -0.2"),
+    (["--lr_decay=1.5"], r"--lr_decay must be in \(0, 1\]"),
+    (["--lr_decay_steps=soon"], r"--lr_decay_steps must be 'epoch' or a positive number of steps"),
+    (["--optimizer=rmsprop"], r"--optimizer=rmsprop: value should be one of <adam\|sgd>"),
+    (["--epochs=ten"], r"--epochs=ten: invalid literal for int"),
+    (["--no_such_flag=1"], r"Unknown command line flag 'no_such_flag'"),
+    (["conv"], r"unexpected arguments: conv"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_gives_one_line_and_exit_code_2(args, message, tmp_path):
+    result = train(*args, f"--logdir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert_one_error_line(result, 2, message)
+    assert result.stdout == ""
+    assert not (tmp_path / "runs").exists(), "nothing may be written before the flags are checked"
+
+
+def test_unusable_data_gives_one_line_and_exit_code_1(tmp_path):
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (data_dir / name).write_bytes(b"not an IDX file")
+    result = train("--model=softmax", f"--data_dir={data_dir}", f"--logdir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert_one_error_line(result, 1, r"train-images-idx3-ubyte")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("ckpt-*"))
+
+
+def test_non_finite_loss_gives_one_line_and_exit_code_1(mnist_dir, tmp_path):
+    result = train("--model=softmax", "--learning_rate=1e38", "--epochs=1", "--steps_per_epoch=20",
+                   "--log_every=5", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}",
+                   "--run_name=nan")
+    assert_one_error_line(result, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path):
+    common = ["--model=softmax", "--steps_per_epoch=20", "--log_every=10", "--noprogress",
+              f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=r"]
+    first = train(*common, "--epochs=1")
+    assert first.returncode == 0, first.stderr
+    second = train(*common, "--epochs=2")
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout and "epoch 1/2" not in second.stdout and "epoch 2/2" in second.stdout
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["epochs"] == 2 and metrics["resumed"]
+
+    assert_one_error_line(train(*common, "--epochs=3", "--batch_size=50"), 2,
+                          r"was started with --batch_size=100, not 50")
+    assert_one_error_line(train(*common, "--epochs=3", "--noresume"), 2, r"already holds a checkpoint")
+
+
+def _final_state(run_dir):
+    """{name: array} of the model and optimizer variables in the run's newest checkpoint."""
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+            if key.startswith(("model/", "optimizer/"))}
+
+
+def _latest_checkpoint_number(run_dir):
+    index = run_dir / "checkpoints" / "checkpoint"
+    found = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', index.read_text(), re.M) if index.exists() else None
+    return int(found.group(1)) if found else 0
+
+
+def test_same_seed_is_bit_identical_and_sigkill_resume_loses_nothing(mnist_dir, tmp_path):
+    """dense_decay (dropout draws random masks), one command run twice: once straight through, once killed
+    with SIGKILL in the middle of its second epoch and then resumed. Both end with bit-identical weights,
+    optimizer slots, dropout generator states and test figures (determinism and exact resume at once)."""
+    common = ["--model=dense_decay", "--epochs=2", "--steps_per_epoch=100", "--checkpoint_every=25",
+              "--log_every=25", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}"]
+    result = train(*common, "--run_name=straight")
+    assert result.returncode == 0, result.stderr
+
+    # Saves: steps 25, 50, 75, end of epoch 1 (ckpt-4), then 125 (ckpt-5), 150, 175, end of epoch 2.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    victim = subprocess.Popen([sys.executable, TRAIN, *common, "--run_name=killed"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while victim.poll() is None and _latest_checkpoint_number(tmp_path / "killed") < 5:
+            time.sleep(0.002)
+        victim.kill()
+    finally:
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    resumed = train(*common, "--run_name=killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "epoch 1/2" not in resumed.stdout
+
+    straight, killed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    assert any("generator" in key for key in straight), sorted(straight)
+    assert any(key.startswith("optimizer/") for key in straight), sorted(straight)
+    assert killed.keys() == straight.keys()
+    for key in straight:
+        assert (killed[key] == straight[key]).all(), key
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("straight", "killed")]
+    assert metrics[0]["steps"] == metrics[1]["steps"] == 200
+    assert (metrics[0]["test_accuracy"], metrics[0]["test_loss"]) == (metrics[1]["test_accuracy"],
+                                                                      metrics[1]["test_loss"])
