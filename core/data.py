@@ -14,16 +14,19 @@ so every image is a fixed-length record of 784 bytes after a 16-byte header, and
 record of 1 byte after an 8-byte header: `tf.data.FixedLengthRecordDataset` reads them directly,
 from the .gz files (compression_type "GZIP") or from plain copies.
 
-Pipeline (see /work/notes/data.md):
-    load:               records -> batch(1000) -> decode_raw uint8 -> x = pixel / 255 in [0,1]
-                        -> zip -> unbatch -> cache
-    training_batches:   cached -> shuffle(buffer, seed(seed, epoch)) -> batch(drop_remainder) -> prefetch
-    evaluation_batches: cached -> batch (last partial batch kept) -> prefetch
+Pipeline (the codelab's stages, see /work/notes/data.md):
+    load:        records -> batch(1000) -> decode_raw uint8                       (read the files once)
+    cache:       the decoded split stays in memory as uint8 pixels [n,28,28,1] and int32 labels [n]
+    shuffle:     a permutation of the example indices 0..n-1, a function of (seed, epoch) only
+    batch:       the permutation cut into n // B rows of B indices (the remainder dropped)
+    map:         gather the B images and labels of a row; x = pixel / 255 in [0, 1]
+    prefetch:    the next batches are prepared while the training step runs
+load() also offers the split as a per-example Dataset of (x, label) (for evaluation_batches, take, ...).
 """
 import gzip
-import hashlib
 import os
 import struct
+import weakref
 import zlib
 from pathlib import Path
 
@@ -35,8 +38,7 @@ from core.download import download as fetch
 
 __all__ = [
     "DataError", "FILES", "MD5", "BASE_URL", "SPLITS", "default_data_dir", "find_files", "prepare",
-    "validate", "load", "training_batches", "evaluation_batches", "split_validation", "epoch_seed",
-    "write_idx",
+    "validate", "load", "training_batches", "evaluation_batches", "split_validation", "write_idx",
 ]
 
 FILES = {
@@ -65,6 +67,9 @@ NUM_CLASSES = 10
 DECODE_BATCH = 1000  # records decoded per decode_raw call: one op per 1000 records, not per record
 
 _checked = {}  # (path, kind, size, mtime) -> record count: each file is read once per process
+# The cache: Dataset (from load(), split_validation(), or read once by training_batches) -> its examples
+# as tensors (images, labels); images are uint8 pixels for the splits of load(), floats otherwise.
+_examples = weakref.WeakKeyDictionary()
 
 
 class DataError(Exception):
@@ -137,73 +142,86 @@ def validate(data_dir):
 
 
 def load(data_dir, split, flat=False):
-    """The `split` ("train" or "test") as a cached Dataset of (image, label).
+    """The `split` ("train" or "test") as a Dataset of (image, label), its pixels held in memory.
 
     image: float32 [28, 28, 1] (or [784] if `flat`), x = pixel / 255 in [0, 1]; label: int32 scalar.
-    The files are validated first (once per process) and read once now, so the in-memory cache
-    is complete before training: every epoch, and take()/skip() of any part, reads memory.
-    The cardinality is known.
+    The files are validated first (once per process) and read now, once: the decoded uint8 pixels and
+    the labels stay in memory (the pipeline's cache), so every epoch, and any part of the split, reads
+    memory. The cardinality is known.
     """
     if split not in SPLITS:
         raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
     image_path, label_path, count = _check_split(Path(os.path.expanduser(str(data_dir))), split)
-    image_shape = [-1, IMAGE_BYTES] if flat else [-1, HEIGHT, WIDTH, 1]
-
-    def decode_images(records):
-        pixels = tf.io.decode_raw(records, tf.uint8)          # [n, 784] uint8
-        images = tf.cast(pixels, tf.float32) / 255.0          # x in [0, 1]
-        return tf.reshape(images, image_shape)
-
-    def decode_labels(records):
-        return tf.cast(tf.reshape(tf.io.decode_raw(records, tf.uint8), [-1]), tf.int32)
-
-    images = _records(image_path, IMAGE_HEADER_BYTES, IMAGE_BYTES).batch(DECODE_BATCH).map(decode_images)
-    labels = _records(label_path, LABEL_HEADER_BYTES, 1).batch(DECODE_BATCH).map(decode_labels)
-    dataset = tf.data.Dataset.zip((images, labels)).unbatch()
-    cached = dataset.apply(tf.data.experimental.assert_cardinality(count)).cache()
+    image_shape = [count, IMAGE_BYTES] if flat else [count, HEIGHT, WIDTH, 1]
     try:
-        _fill_cache(cached)
+        pixels = tf.reshape(_decode(image_path, IMAGE_HEADER_BYTES, IMAGE_BYTES), image_shape)
+        labels = tf.cast(tf.reshape(_decode(label_path, LABEL_HEADER_BYTES, 1), [count]), tf.int32)
     except tf.errors.OpError as error:  # the files changed since they were validated
         raise DataError(f"{image_path}: cannot read {split} data ({error.message.splitlines()[0]})") from None
-    return cached
+    return _in_memory(pixels, labels)
 
 
-def epoch_seed(seed, epoch):
-    """The shuffle seed of one epoch: a hash of (seed, epoch), in [0, 2**31 - 1)."""
-    digest = hashlib.sha256(f"tf-by-hand/{int(seed)}/{int(epoch)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+def _scale(pixels):
+    """x = pixel / 255: uint8 [...] -> float32 [...] in [0, 1].
 
-
-def training_batches(dataset, batch_size, seed, epoch, shuffle_buffer=60000):
-    """One epoch of shuffled batches: dataset -> shuffle -> batch(drop_remainder) -> prefetch.
-
-    `dataset` is a cached Dataset (from load() or split_validation()); the cache is shared by all
-    epochs. The order depends only on (seed, epoch) (and the global TF seed, which train.py sets
-    from the same seed): calling this again with the same arguments, in this process or a resumed
-    one, gives the same batches. Every batch has exactly `batch_size` examples, so a tf.function
-    step traces once.
+    Computed in float64 and rounded once to float32, which gives the correctly rounded pixel / 255
+    for every pixel 0..255 (float64's error is far below the distance from any p/255 to a float32
+    rounding boundary), so no compiler rewrite of `/ 255` into `* (1/255)` can change a value:
+    in float32 that rewrite is 1 ulp off for 126 of the 256 pixel values.
     """
-    if batch_size < 1 or shuffle_buffer < 1:
-        raise ValueError(f"training_batches: batch_size and shuffle_buffer must be >= 1, "
-                         f"got {batch_size} and {shuffle_buffer}")
-    size = int(dataset.cardinality())
-    if 0 <= size < batch_size:
+    return tf.cast(tf.cast(pixels, tf.float64) / 255.0, tf.float32)
+
+
+def training_batches(dataset, batch_size, seed, epoch):
+    """One epoch of shuffled batches (images [B,28,28,1] float32, labels [B] int32).
+
+        cache:    the examples of `dataset` as tensors in memory (uint8 pixels for load()'s splits)
+        shuffle:  order = a permutation of 0..n-1 drawn from the stateless seed (seed, epoch)
+        batch:    order[:n // B * B] reshaped [n // B, B]: row i holds the indices of batch i
+        map:      gather the B images (x = pixel / 255) and labels of a row, in parallel, in order
+        prefetch: the next batches are prepared while the step runs
+
+    A full permutation is the ideal shuffle, and it costs 4 bytes per example; the codelab's
+    `shuffle(5000)` buffer, which holds whole decoded examples, was a memory compromise.
+    The order depends only on (seed, epoch), not on TF's global seed: this call with the same arguments,
+    in this process or a resumed one, gives the same batches, and `.skip(k)` continues an epoch.
+    `dataset` comes from load() or split_validation(); any other finite Dataset of (image, label)
+    works too (read once into memory, on its first epoch). Every batch has exactly `batch_size`
+    examples, so a tf.function step traces once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"training_batches: batch_size must be >= 1, got {batch_size}")
+    images, labels = _tensors(dataset)
+    size = int(labels.shape[0])
+    if size < batch_size:
         raise ValueError(f"training_batches: {size} examples do not fill one batch of {batch_size}")
-    shuffled = dataset.shuffle(shuffle_buffer, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
-    return shuffled.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    steps = size // batch_size
+    order = tf.random.experimental.stateless_shuffle(tf.range(size), seed=tf.constant([seed, epoch], tf.int64))
+    batches = tf.reshape(order[:steps * batch_size], [steps, batch_size])
+
+    def gather(indices):
+        x = tf.gather(images, indices)
+        return (_scale(x) if x.dtype == tf.uint8 else x), tf.gather(labels, indices)
+
+    batches = tf.data.Dataset.from_tensor_slices(batches)
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_batches(dataset, batch_size=1000):
-    """All examples in file order, in batches of `batch_size` (the last one may be smaller)."""
+    """All examples in order, in batches of `batch_size` (the last one may be smaller)."""
     if batch_size < 1:
         raise ValueError(f"evaluation_batches: batch_size must be >= 1, got {batch_size}")
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if dataset not in _examples:
+        return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    pixels, labels = _examples[dataset]
+    batches = tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(batch_size)
+    return batches.map(lambda x, y: (_scale(x), y)).prefetch(tf.data.AUTOTUNE)
 
 
 def split_validation(dataset, count=5000):
     """(first N - count examples, last count examples) of a dataset of known size N (from load()).
 
-    Both parts read the cache of `dataset`, which load() has already filled.
+    For a split of load(), both parts hold their slice of its pixels in memory.
     """
     size = int(dataset.cardinality())
     if size < 0:
@@ -211,7 +229,10 @@ def split_validation(dataset, count=5000):
     if not 0 < count < size:
         raise ValueError(f"split_validation: count must be in 1..{size - 1}, got {count}")
     keep = size - count
-    return dataset.take(keep), dataset.skip(keep)
+    if dataset not in _examples:
+        return dataset.take(keep), dataset.skip(keep)
+    pixels, labels = _examples[dataset]
+    return _in_memory(pixels[:keep], labels[:keep]), _in_memory(pixels[keep:], labels[keep:])
 
 
 def write_idx(path, array):
@@ -230,10 +251,29 @@ def write_idx(path, array):
     return str(path)
 
 
-def _fill_cache(dataset):
-    """Reads `dataset` to the end once. tf.data keeps an in-memory cache only when an iterator
-    reaches the end; one that stops early (a partial epoch, take()) throws the partial cache away."""
-    dataset.batch(DECODE_BATCH).reduce(np.int64(0), lambda batches, _: batches + 1)
+def _decode(path, header_bytes, record_bytes):
+    """uint8 [count, record_bytes]: the records of an IDX file, decoded 1000 records per decode_raw."""
+    records = _records(path, header_bytes, record_bytes).batch(DECODE_BATCH)
+    return tf.concat(list(records.map(lambda batch: tf.io.decode_raw(batch, tf.uint8))), axis=0)
+
+
+def _in_memory(pixels, labels):
+    """The per-example Dataset of (x = pixel / 255, label) over uint8 pixels held in memory."""
+    dataset = tf.data.Dataset.from_tensor_slices((pixels, labels)).map(lambda x, y: (_scale(x), y))
+    _examples[dataset] = (pixels, labels)
+    return dataset
+
+
+def _tensors(dataset):
+    """(images, labels) of every example of `dataset`, as tensors; read once per Dataset object."""
+    if dataset not in _examples:
+        if int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError("training_batches: the dataset is infinite; pass one epoch of examples")
+        batches = list(dataset.batch(DECODE_BATCH))
+        if not batches:
+            raise ValueError("training_batches: the dataset is empty")
+        _examples[dataset] = tuple(tf.concat(parts, axis=0) for parts in zip(*batches))
+    return _examples[dataset]
 
 
 def _records(path, header_bytes, record_bytes):

@@ -40,6 +40,6 @@ def train_quick_model(mnist_dir, steps=300, seed=1):
     trainer = Trainer(model, optimizers.Adam(0.005), progress=False)
     train = data.load(mnist_dir, "train")
     test = data.evaluation_batches(data.load(mnist_dir, "test"))
-    history = trainer.fit(lambda epoch: data.training_batches(train, 100, seed, epoch, shuffle_buffer=10000),
+    history = trainer.fit(lambda epoch: data.training_batches(train, 100, seed, epoch),
                           epochs=1, steps_per_epoch=steps, validation_data=test)
     return model, history.epochs[-1]["val_accuracy"]

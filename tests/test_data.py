@@ -1,5 +1,6 @@
 """core.data: validation errors, decoding, the training/evaluation pipelines, on real and tiny IDX files."""
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -53,7 +54,7 @@ def indices(images):
 
 
 def epoch_indices(dataset, batch_size, seed, epoch):
-    batches = data.training_batches(dataset, batch_size, seed=seed, epoch=epoch, shuffle_buffer=1000)
+    batches = data.training_batches(dataset, batch_size, seed=seed, epoch=epoch)
     return np.concatenate([indices(images) for images, _ in batches])
 
 
@@ -75,12 +76,6 @@ def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
     assert data.default_data_dir().endswith("/.cache/tf-by-hand/mnist")
     monkeypatch.setenv("TF_BY_HAND_DATA_DIR", str(tmp_path))
     assert data.default_data_dir() == str(tmp_path)
-
-
-def test_epoch_seed_depends_on_seed_and_epoch():
-    assert data.epoch_seed(1, 0) == data.epoch_seed(1, 0)
-    assert len({data.epoch_seed(seed, epoch) for seed in range(5) for epoch in range(5)}) == 25
-    assert all(0 <= data.epoch_seed(seed, 3) < 2**31 - 1 for seed in (0, 1, 2**40))
 
 
 # ---------------------------------------------------------------- the real MNIST
@@ -127,11 +122,27 @@ def test_flat_option(mnist_dir):
     assert images.shape == (5, 784) and labels.numpy().tolist() == TEST_FIRST_LABELS[:5]
 
 
-def test_real_training_batches_are_a_shuffled_epoch(mnist_train):
+def test_real_training_batches_are_a_shuffled_epoch_of_the_decoded_images(mnist_dir, mnist_train):
+    """Every training image equals, bit for bit, the file's pixels / 255 decoded in numpy, with its label."""
+    with gzip.open(f"{mnist_dir}/{data.FILES['train_images']}.gz", "rb") as stream:
+        pixels = np.frombuffer(stream.read(), np.uint8, offset=16).reshape(60000, 28, 28, 1)
+    with gzip.open(f"{mnist_dir}/{data.FILES['train_labels']}.gz", "rb") as stream:
+        file_labels = np.frombuffer(stream.read(), np.uint8, offset=8)
+    decoded = pixels.astype(np.float32) / np.float32(255)  # IEEE division, correctly rounded
+    labels_of = {}
+    for image, label in zip(decoded, file_labels):
+        labels_of.setdefault(hashlib.sha1(image.tobytes()).digest(), set()).add(int(label))
+
     batches = data.training_batches(mnist_train, 128, seed=1, epoch=0)
     assert int(batches.cardinality()) == 60000 // 128
     assert batches.element_spec[0].shape.as_list() == [128, 28, 28, 1]  # static: one trace
-    labels = np.concatenate([labels.numpy() for _, labels in batches])
+    labels = []
+    for images, batch_labels in batches:
+        assert images.dtype == tf.float32 and batch_labels.dtype == tf.int32
+        for image, label in zip(images.numpy(), batch_labels.numpy()):
+            assert label in labels_of[hashlib.sha1(image.tobytes()).digest()]
+        labels.append(batch_labels.numpy())
+    labels = np.concatenate(labels)
     assert len(labels) == 468 * 128
     assert labels[:10].tolist() != TRAIN_FIRST_LABELS
     assert np.abs(np.bincount(labels, minlength=10) - TRAIN_COUNTS).max() <= 96  # 96 dropped
@@ -161,10 +172,27 @@ def test_gzipped_and_plain_copies_give_identical_batches(mnist_dir, mnist_train,
 
 def test_tiny_data_round_trip(tiny_dir):
     assert data.validate(tiny_dir) == {"train": 300, "test": 100}
-    images, labels = next(iter(data.evaluation_batches(data.load(tiny_dir, "train"), 300)))
-    expected = tiny_images(300)[..., None].astype(np.float32) / 255.0
+    train = data.load(tiny_dir, "train")
+    expected = tiny_images(300)[..., None].astype(np.float32) / np.float32(255)
+    assert len(np.unique(tiny_images(300))) == 256  # every pixel value occurs
+    images, labels = next(iter(data.evaluation_batches(train, 300)))
     np.testing.assert_array_equal(images.numpy(), expected)
     np.testing.assert_array_equal(labels.numpy(), tiny_labels(300))
+    images, labels = next(iter(train.batch(300)))  # the per-example view
+    np.testing.assert_array_equal(images.numpy(), expected)
+
+
+def test_training_pixels_are_exactly_pixel_over_255(tiny_dir):
+    """Bit for bit, as numpy's float32 division gives them: a `* (1/255)` would be 1 ulp off for 126 values."""
+    expected = tiny_images(300)[..., None].astype(np.float32) / np.float32(255)
+    for images, labels in data.training_batches(data.load(tiny_dir, "train"), 50, seed=0, epoch=0):
+        np.testing.assert_array_equal(images.numpy(), expected[indices(images)])
+        np.testing.assert_array_equal(labels.numpy(), tiny_labels(300)[indices(images)])
+
+
+def test_flat_training_batches(tiny_dir):
+    images, _ = next(iter(data.training_batches(data.load(tiny_dir, "train", flat=True), 20, seed=0, epoch=0)))
+    assert images.shape == (20, 784)
 
 
 def test_same_seed_and_epoch_same_order_other_epoch_or_seed_other_order(tiny_dir):
@@ -173,14 +201,46 @@ def test_same_seed_and_epoch_same_order_other_epoch_or_seed_other_order(tiny_dir
     assert len(first) == 9 * 32 and len(set(first)) == len(first)  # a permutation, minus the remainder
     np.testing.assert_array_equal(first, epoch_indices(train, 32, seed=3, epoch=0))
     # A new load() of the same files (a resumed run) and a skip of k batches see the same batches.
-    resumed = data.training_batches(data.load(tiny_dir, "train"), 32, seed=3, epoch=0, shuffle_buffer=1000)
+    resumed = data.training_batches(data.load(tiny_dir, "train"), 32, seed=3, epoch=0)
     np.testing.assert_array_equal(np.concatenate([indices(x) for x, _ in resumed.skip(4)]), first[4 * 32:])
     # Iterating the same epoch's dataset twice gives the same order too.
-    once = data.training_batches(train, 32, seed=3, epoch=1, shuffle_buffer=1000)
+    once = data.training_batches(train, 32, seed=3, epoch=1)
     np.testing.assert_array_equal(np.concatenate([indices(x) for x, _ in once]),
                                   np.concatenate([indices(x) for x, _ in once]))
     assert not np.array_equal(first, epoch_indices(train, 32, seed=3, epoch=1))
     assert not np.array_equal(first, epoch_indices(train, 32, seed=4, epoch=0))
+
+
+def test_every_example_once_per_epoch_and_the_dropped_remainder_changes(tiny_dir):
+    train = data.load(tiny_dir, "train")
+    dropped = []
+    for epoch in range(4):
+        seen = epoch_indices(train, 64, seed=2, epoch=epoch)
+        assert len(seen) == 4 * 64 and len(set(seen)) == len(seen) and set(seen) <= set(range(300))
+        dropped.append(frozenset(range(300)) - set(seen))
+    assert len(set(dropped)) == 4  # a different 44 examples sit out each epoch
+
+
+def test_order_does_not_depend_on_the_global_seed(tiny_dir):
+    train = data.load(tiny_dir, "train")
+    tf.random.set_seed(1)
+    first = epoch_indices(train, 32, seed=3, epoch=5)
+    tf.random.set_seed(2)
+    tf.random.uniform([7])  # and whatever global random state was used since
+    np.testing.assert_array_equal(first, epoch_indices(train, 32, seed=3, epoch=5))
+
+
+def test_any_finite_dataset_of_examples_can_be_shuffled(tiny_dir):
+    """A Dataset not made by load() (here a take() of one) is read into memory once, floats as they are."""
+    part = data.load(tiny_dir, "train").take(100)
+    images, labels = next(iter(part.batch(100)))
+    seen = np.concatenate([indices(x) for x, _ in data.training_batches(part, 25, seed=0, epoch=0)])
+    assert sorted(seen) == list(range(100))
+    batch_images, batch_labels = next(iter(data.training_batches(part, 25, seed=0, epoch=1)))
+    np.testing.assert_array_equal(batch_images.numpy(), images.numpy()[indices(batch_images)])
+    np.testing.assert_array_equal(batch_labels.numpy(), labels.numpy()[indices(batch_images)])
+    with pytest.raises(ValueError, match="infinite"):
+        data.training_batches(part.repeat(), 25, seed=0, epoch=0)
 
 
 RESUMED_RUN = """
@@ -188,26 +248,28 @@ import sys
 import numpy as np
 import tensorflow as tf
 from core import data
-tf.random.set_seed(5)  # as train.py does with --seed
+if sys.argv[2] != "none":
+    tf.random.set_seed(int(sys.argv[2]))  # the order must not depend on it
 test = data.load(sys.argv[1], "test")
 for epoch in (2, 3):
-    batches = data.training_batches(test, 100, seed=3, epoch=epoch, shuffle_buffer=10000).take(3)
+    batches = data.training_batches(test, 100, seed=3, epoch=epoch).take(3)
     print(epoch, np.concatenate([labels.numpy() for _, labels in batches]).tolist())
 """
 
 
 def test_a_fresh_process_sees_the_same_batches(mnist_dir):
-    """The resume guarantee: another process with the same seeds gets the same batches of an epoch."""
+    """The resume guarantee: another process with the same (seed, epoch) gets the same batches of an epoch,
+    whatever its global TF seed."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), TF_CPP_MIN_LOG_LEVEL="2")
-    runs = [subprocess.Popen([sys.executable, "-c", RESUMED_RUN, mnist_dir], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for _ in range(2)]
+    runs = [subprocess.Popen([sys.executable, "-c", RESUMED_RUN, mnist_dir, global_seed], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for global_seed in ("5", "none")]
     outputs = [run.communicate(timeout=120)[0].splitlines() for run in runs]
     assert all(run.returncode == 0 for run in runs)
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2
     assert outputs[0][0].split(" ", 1)[1] != outputs[0][1].split(" ", 1)[1]  # epochs 2 and 3 differ
 
 
-def test_cache_is_shared_by_all_epochs(tmp_path):
+def test_load_reads_the_files_once_every_epoch_reads_memory(tmp_path):
     directory = write_tiny(tmp_path / "once", train=200, test=20)
     train = data.load(directory, "train")
     first = epoch_indices(train, 50, seed=0, epoch=0)
@@ -221,7 +283,7 @@ def test_partial_epochs_keep_the_cache(tmp_path):
     train = data.load(directory, "train")
     shutil.rmtree(directory)  # load() filled the cache: stopping epochs early must not lose it
     for epoch in range(3):
-        batches = data.training_batches(train, 10, seed=0, epoch=epoch, shuffle_buffer=20)
+        batches = data.training_batches(train, 10, seed=0, epoch=epoch)
         assert len(list(batches.take(2))) == 2
     assert sorted(epoch_indices(train, 50, seed=0, epoch=3)) == list(range(200))
 
@@ -241,7 +303,7 @@ def test_split_validation_holds_out_the_last_examples(tmp_path):
     directory = write_tiny(tmp_path / "split", train=300, test=20)
     train, validation = data.split_validation(data.load(directory, "train"), count=50)
     assert int(train.cardinality()) == 250 and int(validation.cardinality()) == 50
-    shutil.rmtree(directory)  # split_validation filled the cache: both parts read memory
+    shutil.rmtree(directory)  # both parts hold their slice of the pixels in memory
     held_out = np.concatenate([indices(x) for x, _ in data.evaluation_batches(validation, 16)])
     assert held_out.tolist() == list(range(250, 300))
     for epoch in range(2):

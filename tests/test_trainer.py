@@ -277,7 +277,7 @@ def test_real_mnist_small_convnet_learns(mnist_dir):
     model = Sequential([Conv2D(8, 5, strides=2, activation="relu"), Conv2D(16, 5, strides=2, activation="relu"),
                         Flatten(), Dense(10)])
     trainer = Trainer(model, Adam(0.005), log_every=10, progress=False)
-    history = trainer.fit(lambda epoch: data.training_batches(train, 64, seed=3, epoch=epoch, shuffle_buffer=640),
+    history = trainer.fit(lambda epoch: data.training_batches(train, 64, seed=3, epoch=epoch),
                           epochs=3, validation_data=test)
     assert trainer.trace_counts == {"train": 1, "eval": 1}
     assert history.steps[-1]["loss"] < 0.5 * history.steps[0]["loss"]
