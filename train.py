@@ -461,8 +461,13 @@ def run(config, out=print):
 
 
 def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test):
-    """The TensorBoard callback and pictures (core/summaries.py, not landed yet): none until then."""
-    return []
+    """[TensorBoard callback] writing into run_dir: scalars, histograms and pictures of the first 1,000 test
+    images each epoch, the graph, the hparams, and at the end curves.png, learning_rate.png, predictions.png
+    (layout: core/summaries.py)."""
+    from core.summaries import TensorBoard
+    sample_images, sample_labels = next(iter(test.batch(1000)))
+    return [TensorBoard(run_dir, sample_images, sample_labels, hparams=config.hparams(), schedule=schedule,
+                        total_steps=config.epochs * steps_per_epoch)]
 
 
 def export_model(model, export_dir, export):
