@@ -84,33 +84,39 @@ def test_cli_leaves_pictures(softmax_run):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _event_tags(run_dir):
-    """{plugin name: set of tags} over every event file under run_dir, plus 'graph' if a graph was written."""
-    tags = {}
+def _events(run_dir):
+    """{(subdirectory, plugin): {tag: [(step, value)]}} from every event file under run_dir; plugin 'graph'
+    holds the graph, and scalar values are read back as floats."""
+    found = {}
     files = glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True)
     assert files, f"no event files under {run_dir}"
     for path in files:
+        subdir = os.path.relpath(os.path.dirname(path), run_dir)
         for record in tf.data.TFRecordDataset(path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             if event.graph_def:
-                tags.setdefault("graph", set()).add("graph")
+                found.setdefault((subdir, "graph"), {}).setdefault("graph", []).append((event.step, None))
             for value in event.summary.value:
                 plugin = value.metadata.plugin_data.plugin_name or "other"
-                tags.setdefault(plugin, set()).add(value.tag)
-    return tags
+                number = float(tf.make_ndarray(value.tensor)) if plugin == "scalars" else None
+                found.setdefault((subdir, plugin), {}).setdefault(value.tag, []).append((event.step, number))
+    return found
 
 
 def test_cli_writes_tensorboard_scalars_histograms_images(softmax_run):
     _, run_dir = softmax_run
-    tags = _event_tags(run_dir)
-    scalars = " ".join(sorted(tags.get("scalars", ())))
-    for name in ("loss", "accuracy", "learning_rate"):
-        assert name in scalars, tags
-    assert any("val" in tag or "test" in tag for tag in tags.get("scalars", ())), tags
-    histograms = " ".join(sorted(tags.get("histograms", ())))
-    assert "logits" in histograms and "/w" in histograms and "/b" in histograms, tags
-    assert tags.get("images"), tags
-    assert "hparams" in tags, tags
+    events = _events(run_dir)
+    train_scalars = events[("train", "scalars")]
+    assert [step for step, _ in train_scalars["loss"]] == [10, 20, 30]
+    assert [value for _, value in train_scalars["learning_rate"]] == pytest.approx([0.01] * 3)
+    assert all(0 <= value <= 1 for _, value in train_scalars["accuracy"])
+    validation = events[("validation", "scalars")]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert validation["accuracy"] == [(30, pytest.approx(metrics["best_val_accuracy"]))]
+    histograms = events[(".", "histograms")]
+    assert {"logits/w", "logits/b", "activations/logits"} <= set(histograms), sorted(histograms)
+    assert {"predictions", "font_digits"} <= set(events[(".", "images")]), events.keys()
+    assert (".", "graph") in events and (".", "hparams") in events, events.keys()
 
 
 def test_summary_counts_equal_keras(tmp_path):
