@@ -255,9 +255,10 @@ def save_learning_rate_png(path, schedule_steps=None, schedule_values=None, logg
 
 
 def save_image_png(path, picture, title=None):
-    """A uint8 RGB picture saved at its own resolution (one picture pixel per PNG pixel) under a title."""
+    """A uint8 RGB picture saved at its own resolution (one picture pixel per PNG pixel) under a title
+    (one or more lines)."""
     dpi = 100
-    title_height = 30 if title else 0
+    title_height = 15 + 15 * (title.count("\n") + 1) if title else 0
     height, width = picture.shape[:2]
     figure = _figure((width / dpi, (height + title_height) / dpi))
     axes = figure.add_axes((0, 0, 1, height / (height + title_height)))

@@ -1,0 +1,339 @@
+"""TensorBoard logs and pictures (core/summaries.py, core/pictures.py): a tiny real Trainer on a few hundred
+MNIST digits drives the callback for 2 short epochs; the event files are read back tag by tag. Then the
+pictures on their own, a crash that leaves flushed logs, and train.py end to end."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from core import data, pictures
+from core.layers import Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Sequential
+from core.optimizers import Adam
+from core.schedules import ExponentialDecay
+from core.summaries import TensorBoard, model_variables
+from core.trainer import Callback, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, STEPS_PER_EPOCH, EPOCHS, LOG_EVERY, SAMPLES = 32, 8, 2, 3, 200
+HPARAMS = {"model": "tiny", "batch_size": BATCH, "learning_rate": 0.01, "dropout": 0.2, "decay_steps": None}
+
+
+def tiny_model():
+    return Sequential([Conv2D(4, 3, strides=2, use_bias=False, name="conv1"), BatchNorm(name="conv1_bn"),
+                       Activation("relu", name="conv1_relu"), Flatten(name="flatten"),
+                       Dropout(0.2, name="dropout"), Dense(10, name="logits")], name="tiny")
+
+
+def events(directory):
+    """The Event protos of the event files directly in `directory`, file by file."""
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        for record in tf.data.TFRecordDataset(path):
+            yield tf.compat.v1.Event.FromString(record.numpy())
+
+
+def read_events(directory):
+    """(values, plugins, graph) of the event files directly in `directory`: values = {tag: [(step, ndarray)]}
+    in file order, plugins = {tag: plugin name}, graph = the GraphDef written, or None."""
+    values, plugins, graph = {}, {}, None
+    for event in events(directory):
+        if event.graph_def:
+            graph = tf.compat.v1.GraphDef.FromString(event.graph_def)
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name:  # TF 2 writes the metadata with a tag's first value
+                plugins[value.tag] = value.metadata.plugin_data.plugin_name
+            values.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    return values, plugins, graph
+
+
+def read_raw(directory):
+    """[(step, Summary.Value)] of the event files directly in `directory`, with their metadata."""
+    return [(event.step, value) for event in events(directory) for value in event.summary.value]
+
+
+def graph_ops(graph):
+    """Op types in a GraphDef, including those inside its functions (tf.cond branches)."""
+    return {node.op for node in graph.node} | {node.op for f in graph.library.function for node in f.node_def}
+
+
+def values_counted(values, tag):
+    """How many values the latest histogram of `tag` counts (its bins are [left edge, right edge, count])."""
+    return int(values[tag][-1][1][:, 2].sum())
+
+
+def steps_of(values, tag):
+    return [step for step, _ in values[tag]]
+
+
+def scalars(values, tag):
+    return [float(value) for _, value in values[tag]]
+
+
+@pytest.fixture(scope="module")
+def run(mnist_dir, tmp_path_factory):
+    """2 epochs x 8 steps of batch 32 (log every 3 steps), validation and sample on 200 test digits."""
+    logdir = tmp_path_factory.mktemp("summaries") / "tiny-run"
+    train = data.load(mnist_dir, "train").take(BATCH * STEPS_PER_EPOCH)
+    test = data.load(mnist_dir, "test").take(SAMPLES)
+    images, labels = next(iter(test.batch(SAMPLES)))
+    schedule = ExponentialDecay(0.01, 0.5, STEPS_PER_EPOCH, staircase=True)
+    tf.random.set_seed(1)
+    model = tiny_model()
+    tensorboard = TensorBoard(logdir, images, labels, hparams=HPARAMS, schedule=schedule,
+                              total_steps=EPOCHS * STEPS_PER_EPOCH, mosaic_size=50)
+    trainer = Trainer(model, Adam(schedule), callbacks=[tensorboard], log_every=LOG_EVERY, progress=False)
+    history = trainer.fit(lambda epoch: data.training_batches(train, BATCH, seed=1, epoch=epoch), EPOCHS,
+                          validation_data=data.evaluation_batches(test, 100))
+    return {"logdir": logdir, "model": model, "history": history, "schedule": schedule, "labels": labels,
+            "trainer": trainer}
+
+
+def test_training_scalars_every_log_point_and_learning_rate_is_the_schedule(run):
+    values, plugins, _ = read_events(run["logdir"] / "train")
+    logged = run["history"].steps
+    assert [s["step"] for s in logged] == [3, 6, 9, 12, 15]
+    for tag in ("loss", "accuracy"):
+        assert plugins[tag] == "scalars"
+        assert steps_of(values, tag) == [3, 6, 9, 12, 15]
+        assert scalars(values, tag) == pytest.approx([s[tag] for s in logged], rel=1e-6)
+    # learning_rate at each log point and at epoch ends that are not log points (8, 16); step s used schedule(s - 1)
+    assert steps_of(values, "learning_rate") == [3, 6, 8, 9, 12, 15, 16]
+    expected = [float(run["schedule"](step - 1)) for step in (3, 6, 8, 9, 12, 15, 16)]
+    assert scalars(values, "learning_rate") == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx([0.01] * 3 + [0.005] * 4)
+    epochs = run["history"].epochs
+    assert steps_of(values, "epoch_loss") == steps_of(values, "epoch_accuracy") == [8, 16]
+    assert scalars(values, "epoch_loss") == pytest.approx([e["loss"] for e in epochs], rel=1e-6)
+    assert scalars(values, "epoch_accuracy") == pytest.approx([e["accuracy"] for e in epochs], rel=1e-6)
+
+
+def test_validation_scalars_per_epoch_share_the_training_tags(run):
+    values, plugins, _ = read_events(run["logdir"] / "validation")
+    epochs = run["history"].epochs
+    assert set(values) == {"loss", "accuracy"} and set(plugins.values()) == {"scalars"}
+    assert steps_of(values, "loss") == steps_of(values, "accuracy") == [8, 16]
+    assert scalars(values, "loss") == pytest.approx([e["val_loss"] for e in epochs], rel=1e-6)
+    assert scalars(values, "accuracy") == pytest.approx([e["val_accuracy"] for e in epochs], rel=1e-6)
+
+
+def test_histograms_of_every_variable_and_activation_per_epoch(run):
+    values, plugins, _ = read_events(run["logdir"])
+    model = run["model"]
+    variables = {"conv1/w", "conv1_bn/gamma", "conv1_bn/beta", "conv1_bn/moving_mean",
+                 "conv1_bn/moving_variance", "logits/w", "logits/b"}
+    activations = {f"activations/{name}" for name in model.layer_names}
+    assert {tag for tag, _ in model_variables(model)} == variables
+    assert {tag for tag, plugin in plugins.items() if plugin == "histograms"} == variables | activations
+    named = dict(model_variables(model))
+    sizes = {tag: int(np.prod(variable.shape)) for tag, variable in named.items()}
+    for tag in variables | activations:
+        assert steps_of(values, tag) == [8, 16], tag
+        bins = values[tag][-1][1]  # [k, 3]: left edge, right edge, count
+        assert bins.ndim == 2 and bins.shape[1] == 3
+        expected = sizes[tag] if tag in sizes else SAMPLES * (10 if tag == "activations/logits" else 4 * 14 * 14)
+        assert values_counted(values, tag) == expected, tag
+    bins, w = values["logits/w"][-1][1], named["logits/w"].numpy()  # the final weights' range
+    assert bins[0, 0] == pytest.approx(w.min(), abs=1e-6) and bins[-1, 1] == pytest.approx(w.max(), abs=1e-6)
+
+
+def test_prediction_and_font_digit_images_per_epoch(run):
+    values, plugins, _ = read_events(run["logdir"])
+    assert plugins["predictions"] == plugins["font_digits"] == "images"
+    for tag, rows in (("predictions", 5), ("font_digits", 1)):
+        assert steps_of(values, tag) == [8, 16]
+        width, height, png = values[tag][-1][1]  # the image plugin's [width, height, PNG] strings
+        picture = tf.io.decode_png(png).numpy()
+        assert picture.shape == (int(height), int(width), 3)
+        assert picture.shape[1] == 10 * (2 * 28 + 2) and picture.shape[0] == rows * (2 * 28 + 16 + 2), tag
+
+
+def test_graph_of_the_train_step_once(run):
+    _, _, graph = read_events(run["logdir"])
+    assert {"Conv2D", "MatMul", "Conv2DBackpropFilter"} <= graph_ops(graph), sorted(graph_ops(graph))
+    assert sum(bool(event.graph_def) for event in events(run["logdir"])) == 1
+    for directory in ("train", "validation"):
+        assert read_events(run["logdir"] / directory)[2] is None
+
+
+def test_hparams_session_and_final_metrics(run):
+    values, plugins, _ = read_events(run["logdir"])
+    [(_, experiment_value)] = [v for v in read_raw(run["logdir"]) if v[1].tag == hparams_metadata.EXPERIMENT_TAG]
+    experiment = hparams_metadata.parse_experiment_plugin_data(experiment_value.metadata.plugin_data.content)
+    assert {h.name for h in experiment.hparam_infos} == set(HPARAMS)
+    declared = {m.name.tag for m in experiment.metric_infos}
+    assert declared == {"hparams/final_val_accuracy", "hparams/best_val_accuracy", "hparams/final_val_loss",
+                        "hparams/final_train_accuracy", "hparams/final_train_loss"}
+    [(_, start_value)] = [v for v in read_raw(run["logdir"]) if v[1].tag == hparams_metadata.SESSION_START_INFO_TAG]
+    start = hparams_metadata.parse_session_start_info_plugin_data(start_value.metadata.plugin_data.content)
+    assert start.hparams["model"].string_value == "tiny" and start.hparams["batch_size"].number_value == BATCH
+    assert start.hparams["decay_steps"].string_value == "None"
+    assert start.group_name == "tiny-run"
+    epochs = run["history"].epochs
+    for tag in declared:
+        assert steps_of(values, tag) == [8, 16] and plugins[tag] == "scalars", tag
+    assert scalars(values, "hparams/final_val_accuracy")[-1] == pytest.approx(epochs[-1]["val_accuracy"])
+    assert scalars(values, "hparams/best_val_accuracy")[-1] == pytest.approx(max(e["val_accuracy"] for e in epochs))
+
+
+def test_pictures_left_in_the_run_directory(run):
+    for name, at_least in (("curves.png", (800, 300)), ("learning_rate.png", (500, 250)),
+                           ("predictions.png", (580, 5 * 74 + 74))):
+        with Image.open(run["logdir"] / name) as picture:
+            picture.verify()
+        with Image.open(run["logdir"] / name) as picture:
+            assert picture.format == "PNG" and picture.size[0] >= at_least[0] and picture.size[1] >= at_least[1]
+    assert not run["trainer"].callbacks[0].writers, "the writers are closed at the end"
+
+
+# ------------------------------------------------------------------------------------------- pictures
+
+def test_mosaic_puts_the_misrecognised_first_and_tints_them_red():
+    images = np.zeros((12, 28, 28, 1), np.float32)
+    images[:, 10:18, 10:18] = 1.0
+    labels = np.arange(12) % 10
+    predictions = labels.copy()
+    predictions[[4, 9]] = [7, 0]  # examples 4 and 9 are wrong
+    assert list(pictures.mosaic_order(labels, predictions)) == [4, 9, 0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
+    mosaic = pictures.prediction_mosaic(images, labels, predictions, columns=4, scale=2)
+    cell_h, cell_w = 2 * 28 + 16 + 2, 2 * 28 + 2
+    assert mosaic.dtype == np.uint8 and mosaic.shape == (3 * cell_h, 4 * cell_w, 3)
+
+    def cell(slot):
+        top, left = (slot // 4) * cell_h + 1, (slot % 4) * cell_w + 1
+        return mosaic[top:top + 56, left:left + 56].astype(int)
+
+    for slot in (0, 1):  # wrong: red ink on a dark red background
+        ink, background = cell(slot)[28, 28], cell(slot)[2, 2]
+        assert ink[0] == 255 and ink[1] < 80 and ink[2] < 80, ink
+        assert background[0] == pictures.WRONG_BACKGROUND and background[1] == background[2] == 0
+    for slot in range(2, 12):  # right: white on black
+        assert list(cell(slot)[28, 28]) == [255] * 3 and list(cell(slot)[2, 2]) == [0] * 3
+    with pytest.raises(ValueError, match="prediction_mosaic: expected images"):
+        pictures.prediction_mosaic(images, labels[:5], predictions)
+
+
+def test_font_digits_are_ten_mnist_style_images():
+    images, labels = pictures.font_digits()
+    assert images.shape == (10, 28, 28, 1) and images.dtype == np.float32
+    assert list(labels) == list(range(10))
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    rows, cols = np.indices((28, 28))
+    for image in images[..., 0]:
+        assert image.max() == pytest.approx(1.0)
+        mass = image.sum()
+        assert abs((rows * image).sum() / mass - 13.5) < 1.0 and abs((cols * image).sum() / mass - 13.5) < 1.0
+        ink_rows, ink_cols = np.nonzero(image > 0.05)
+        assert ink_rows.max() - ink_rows.min() <= 21 and ink_cols.max() - ink_cols.min() <= 21
+        assert image[:2].max() < 0.05 and image[-2:].max() < 0.05  # a black border, like MNIST
+    assert len({image.tobytes() for image in images}) == 10
+
+
+def test_curves_and_learning_rate_pngs_without_log_points(tmp_path):
+    epochs = [{"step": 30, "loss": 1.0, "accuracy": 0.7, "val_loss": 0.9, "val_accuracy": 0.75}]
+    pictures.save_curves_png(tmp_path / "curves.png", [], epochs)
+    pictures.save_learning_rate_png(tmp_path / "lr.png", np.arange(1, 31), np.full(30, 0.01), [], [])
+    for name in ("curves.png", "lr.png"):
+        with Image.open(tmp_path / name) as picture:
+            picture.verify()
+
+
+# ---------------------------------------------------------------------------------------------- crash
+
+class Crash(Callback):
+    def on_epoch_end(self, epoch, step, logs):
+        raise RuntimeError("crash after the first epoch")
+
+
+def test_logs_are_flushed_before_a_crash(mnist_dir, tmp_path):
+    """on_train_end is not called when an exception escapes fit(): the first epoch's logs are on disk anyway."""
+    train = data.load(mnist_dir, "train").take(128)
+    test = data.load(mnist_dir, "test").take(64)
+    images, labels = next(iter(test.batch(64)))
+    tensorboard = TensorBoard(tmp_path, images, labels, font_digits=False, histogram_values=5000)
+    trainer = Trainer(tiny_model(), Adam(0.01), callbacks=[tensorboard, Crash()], log_every=2, progress=False)
+    with pytest.raises(RuntimeError, match="crash after the first epoch"):
+        trainer.fit(lambda epoch: data.training_batches(train, 32, seed=1, epoch=epoch), 2,
+                    validation_data=data.evaluation_batches(test, 64))
+    assert tensorboard.writers, "still open: nothing closed them"
+    train_values = read_events(tmp_path / "train")[0]
+    assert steps_of(train_values, "loss") == [2, 4] and steps_of(train_values, "epoch_loss") == [4]
+    assert steps_of(read_events(tmp_path / "validation")[0], "accuracy") == [4]
+    run_values, plugins, graph = read_events(tmp_path)
+    assert steps_of(run_values, "activations/logits") == [4] and steps_of(run_values, "predictions") == [4]
+    # more than histogram_values values (64 x 14 x 14 x 4): a sample of 5000; fewer: all of them
+    assert values_counted(run_values, "activations/conv1") == 5000
+    assert values_counted(run_values, "activations/logits") == 64 * 10
+    assert values_counted(run_values, "logits/w") == 784 * 10
+    assert "font_digits" not in run_values and not any(p == "hparams" for p in plugins.values())
+    assert graph is not None
+
+
+def test_a_resumed_run_appends_event_files_and_keeps_the_best_accuracy(mnist_dir, tmp_path):
+    """A second process (here: a second Trainer and callback) resumes from the checkpoint: new event files
+    in the same directories, the step axis continues, best_val_accuracy covers the epochs before the resume."""
+    train = data.load(mnist_dir, "train").take(128)
+    test = data.load(mnist_dir, "test").take(64)
+    images, labels = next(iter(test.batch(64)))
+
+    def fit(epochs):
+        tf.random.set_seed(1)
+        tensorboard = TensorBoard(tmp_path, images, labels, hparams={"model": "tiny"}, font_digits=False)
+        trainer = Trainer(tiny_model(), Adam(0.01), callbacks=[tensorboard], log_every=2, progress=False,
+                          checkpoint_dir=str(tmp_path / "checkpoints"))
+        return trainer.fit(lambda epoch: data.training_batches(train, 32, seed=1, epoch=epoch), epochs,
+                           validation_data=data.evaluation_batches(test, 64))
+
+    fit(1)
+    history = fit(2)
+    assert len(glob.glob(str(tmp_path / "train" / "events.out.tfevents.*"))) == 2
+    values = read_events(tmp_path)[0]
+    assert steps_of(values, "hparams/best_val_accuracy") == [4, 8]
+    best = max(e["val_accuracy"] for e in history.epochs)
+    assert scalars(values, "hparams/best_val_accuracy")[-1] == pytest.approx(best)
+    assert steps_of(read_events(tmp_path / "train")[0], "loss") == [2, 4, 6, 8]
+    assert (tmp_path / "predictions.png").exists()
+
+
+def test_bad_sample_arguments():
+    with pytest.raises(ValueError, match=r"sample_images \[N,H,W,C\] and sample_labels \[N\]"):
+        TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(4), font_digits=False)
+    with pytest.raises(ValueError, match="histogram_values must be >= 1"):
+        TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(5), font_digits=False, histogram_values=0)
+
+
+# ----------------------------------------------------------------------------------------------- train.py
+
+def test_train_py_writes_the_tensorboard_layout(mnist_dir, tmp_path):
+    """--steps_per_epoch=30 with the default --log_every=100: no log point, so the epoch end carries the
+    training figures; everything else is there."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--model=softmax", "--epochs=1",
+                             "--steps_per_epoch=30", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}",
+                             "--run_name=quick", "--noprogress"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "quick"
+    train_values, _, _ = read_events(run_dir / "train")
+    assert set(train_values) == {"epoch_loss", "epoch_accuracy", "learning_rate"}
+    assert steps_of(train_values, "learning_rate") == [30]
+    assert scalars(train_values, "learning_rate") == pytest.approx([0.01])
+    validation_values, _, _ = read_events(run_dir / "validation")
+    assert set(validation_values) == {"loss", "accuracy"} and steps_of(validation_values, "accuracy") == [30]
+    values, plugins, graph = read_events(run_dir)
+    histograms = {tag for tag, plugin in plugins.items() if plugin == "histograms"}
+    assert histograms == {"logits/w", "logits/b", "activations/flatten", "activations/logits"}
+    assert {tag for tag, plugin in plugins.items() if plugin == "images"} == {"predictions", "font_digits"}
+    assert "MatMul" in graph_ops(graph)
+    hparams = [v for v in read_raw(run_dir) if v[1].tag == hparams_metadata.SESSION_START_INFO_TAG]
+    start = hparams_metadata.parse_session_start_info_plugin_data(hparams[0][1].metadata.plugin_data.content)
+    assert start.hparams["model"].string_value == "softmax" and start.hparams["steps_per_epoch"].number_value == 30
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert scalars(values, "hparams/final_val_accuracy") == pytest.approx([metrics["test_accuracy"]])
+    assert sorted(p.name for p in run_dir.glob("*.png")) == ["curves.png", "learning_rate.png", "predictions.png"]
