@@ -345,7 +345,7 @@ def resolve_run_dir(config):
     return run_dir, resuming
 
 
-def load_data(config, tf):
+def load_data(config):
     """(train, validation, test) datasets; RunError(one line) if the files are unusable."""
     from core import data
     try:
@@ -376,7 +376,7 @@ def run(config, out=print):
 
     spec = REGISTRY[config.model]
     run_dir, resuming = resolve_run_dir(config)
-    train, validation, test = load_data(config, tf)
+    train, validation, test = load_data(config)
 
     train_count = int(train.cardinality())
     full_epoch = train_count // config.batch_size
@@ -487,7 +487,8 @@ def report(metrics, config, out=print):
     else:
         held_out = f", best held-out {percent(best)} (epoch {metrics['best_epoch']})" if best is not None else ""
         out(f"test accuracy: final {percent(metrics['test_accuracy'])}{held_out}   (target: {metrics['target']})")
-    out(f"wall time: {metrics['wall_seconds']:.1f} s ({plural(metrics['steps'], 'step')}, {plural(metrics['epochs'], 'epoch')})")
+    out(f"wall time: {metrics['wall_seconds']:.1f} s "
+        f"({plural(metrics['steps'], 'step')}, {plural(metrics['epochs'], 'epoch')})")
     out(f"logs:        {run_dir}   (tensorboard --logdir {config.logdir})")
     pictures = ", ".join(metrics["pictures"]) or "none"
     out(f"pictures:    {pictures} in {run_dir}")
