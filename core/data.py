@@ -172,6 +172,11 @@ def _scale(pixels):
     return tf.cast(tf.cast(pixels, tf.float64) / 255.0, tf.float32)
 
 
+def _as_float(images):
+    """uint8 pixels (the splits of load()) -> x = pixel / 255; float images (any other Dataset) as they are."""
+    return _scale(images) if images.dtype == tf.uint8 else images
+
+
 def training_batches(dataset, batch_size, seed, epoch):
     """One epoch of shuffled batches (images [B,28,28,1] float32, labels [B] int32).
 
@@ -200,8 +205,7 @@ def training_batches(dataset, batch_size, seed, epoch):
     batches = tf.reshape(order[:steps * batch_size], [steps, batch_size])
 
     def gather(indices):
-        x = tf.gather(images, indices)
-        return (_scale(x) if x.dtype == tf.uint8 else x), tf.gather(labels, indices)
+        return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
 
     batches = tf.data.Dataset.from_tensor_slices(batches)
     return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
@@ -213,9 +217,9 @@ def evaluation_batches(dataset, batch_size=1000):
         raise ValueError(f"evaluation_batches: batch_size must be >= 1, got {batch_size}")
     if dataset not in _examples:
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    pixels, labels = _examples[dataset]
-    batches = tf.data.Dataset.from_tensor_slices((pixels, labels)).batch(batch_size)
-    return batches.map(lambda x, y: (_scale(x), y)).prefetch(tf.data.AUTOTUNE)
+    images, labels = _examples[dataset]
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+    return batches.map(lambda x, y: (_as_float(x), y)).prefetch(tf.data.AUTOTUNE)
 
 
 def split_validation(dataset, count=5000):
@@ -231,8 +235,8 @@ def split_validation(dataset, count=5000):
     keep = size - count
     if dataset not in _examples:
         return dataset.take(keep), dataset.skip(keep)
-    pixels, labels = _examples[dataset]
-    return _in_memory(pixels[:keep], labels[:keep]), _in_memory(pixels[keep:], labels[keep:])
+    images, labels = _examples[dataset]
+    return _in_memory(images[:keep], labels[:keep]), _in_memory(images[keep:], labels[keep:])
 
 
 def write_idx(path, array):
@@ -257,10 +261,10 @@ def _decode(path, header_bytes, record_bytes):
     return tf.concat(list(records.map(lambda batch: tf.io.decode_raw(batch, tf.uint8))), axis=0)
 
 
-def _in_memory(pixels, labels):
-    """The per-example Dataset of (x = pixel / 255, label) over uint8 pixels held in memory."""
-    dataset = tf.data.Dataset.from_tensor_slices((pixels, labels)).map(lambda x, y: (_scale(x), y))
-    _examples[dataset] = (pixels, labels)
+def _in_memory(images, labels):
+    """The per-example Dataset of (float image, label) over tensors held in memory (uint8: x = pixel / 255)."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).map(lambda x, y: (_as_float(x), y))
+    _examples[dataset] = (images, labels)
     return dataset
 
 

@@ -241,6 +241,12 @@ def test_any_finite_dataset_of_examples_can_be_shuffled(tiny_dir):
     np.testing.assert_array_equal(batch_labels.numpy(), labels.numpy()[indices(batch_images)])
     with pytest.raises(ValueError, match="infinite"):
         data.training_batches(part.repeat(), 25, seed=0, epoch=0)
+    # Once read into memory, its evaluation batches and validation split still give the same floats.
+    evaluated, _ = next(iter(data.evaluation_batches(part, 100)))
+    np.testing.assert_array_equal(evaluated.numpy(), images.numpy())
+    kept, held_out = data.split_validation(part, count=10)
+    np.testing.assert_array_equal(next(iter(held_out.batch(10)))[0].numpy(), images.numpy()[90:])
+    assert sorted(epoch_indices(kept, 30, seed=0, epoch=0)) == list(range(90))
 
 
 RESUMED_RUN = """
