@@ -207,9 +207,15 @@ def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path):
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["epochs"] == 2 and metrics["resumed"]
 
-    assert_one_error_line(train(*common, "--epochs=3", "--batch_size=50"), 2,
-                          r"was started with --batch_size=100, not 50")
-    assert_one_error_line(train(*common, "--epochs=3", "--noresume"), 2, r"already holds a checkpoint")
+    # The resume rules are checked before TensorFlow does anything: test them in-process.
+    import train as train_module
+    from models import REGISTRY
+    values = {"model": "softmax", "steps_per_epoch": 20, "logdir": str(tmp_path), "run_name": "r", "epochs": 3}
+    with pytest.raises(train_module.FlagError, match=r"was started with --batch_size=100, not 50"):
+        train_module.resolve_run_dir(train_module.make_config({**values, "batch_size": 50}, REGISTRY))
+    with pytest.raises(train_module.FlagError, match=r"already holds a checkpoint; drop --noresume"):
+        train_module.resolve_run_dir(train_module.make_config({**values, "resume": False}, REGISTRY))
+    assert train_module.resolve_run_dir(train_module.make_config(values, REGISTRY)) == (str(tmp_path / "r"), True)
 
 
 def _final_state(run_dir):
