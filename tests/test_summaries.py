@@ -301,6 +301,24 @@ def test_a_resumed_run_appends_event_files_and_keeps_the_best_accuracy(mnist_dir
     assert (tmp_path / "predictions.png").exists()
 
 
+def test_the_callback_leaves_training_bit_identical(mnist_dir, tmp_path):
+    """Its forward passes (training=False) and the stateless histogram sample draw nothing from TF's random
+    state and update no moving statistics: the same seed gives the same weights with and without it."""
+    train = data.load(mnist_dir, "train").take(128)
+    test = data.load(mnist_dir, "test").take(64)
+    images, labels = next(iter(test.batch(64)))
+
+    def final_weights(callbacks):
+        tf.random.set_seed(7)
+        trainer = Trainer(tiny_model(), Adam(0.01), callbacks=callbacks, log_every=2, progress=False)
+        trainer.fit(lambda epoch: data.training_batches(train, 32, seed=1, epoch=epoch), 2)
+        return [v.numpy() for v in trainer.model.variables]
+
+    with_callback = final_weights([TensorBoard(tmp_path, images, labels, histogram_values=1000)])
+    without = final_weights([])
+    assert all(np.array_equal(a, b) for a, b in zip(with_callback, without))
+
+
 def test_bad_sample_arguments():
     with pytest.raises(ValueError, match=r"sample_images \[N,H,W,C\] and sample_labels \[N\]"):
         TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(4), font_digits=False)
