@@ -1,0 +1,93 @@
+"""Benchmark (not a test): train the Keras twin of a model with the same defaults, batches and learning-rate
+rule as train.py, and print its test accuracy: the reference our hand-written run is compared with.
+
+    python benchmarks/bench_keras_reference.py --models=dense_decay --seeds=1,2,3 --data_dir=../shared/mnist
+
+Keras draws its own initial weights and dropout masks, so single runs differ from ours by seed noise;
+compare medians over a few seeds.
+"""
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+flags.DEFINE_list("models", ["dense_decay"], "Models whose Keras twin is trained with the model's defaults.")
+flags.DEFINE_list("seeds", ["1"], "Seeds (one run each).")
+flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(ROOT), "shared", "mnist"), "MNIST directory.")
+flags.DEFINE_float("dropout", None, "Override the model's dropout rate.")
+FLAGS = flags.FLAGS
+
+
+def keras_run(name, seed, dropout):
+    """Test accuracy of the Keras twin of `name` trained with the model's defaults on our batches."""
+    import keras
+    from core import data
+    from keras_twins import _keras_conv, _keras_dense, KERAS_TWINS
+    from models import REGISTRY
+
+    defaults = REGISTRY[name].defaults
+    rate = defaults["dropout"] if dropout is None else dropout
+    keras.utils.set_random_seed(seed)
+    if dropout is None:
+        model = KERAS_TWINS[name]()
+    elif name == "dense_decay":
+        model = _keras_dense((200, 100, 60), "relu", rate)
+    elif name == "conv":
+        model = _keras_conv([(12, 3, 1), (24, 6, 2), (32, 6, 2)], rate)
+    else:
+        raise ValueError(f"--dropout is only wired for dense_decay and conv, not {name}")
+    train = data.load(FLAGS.data_dir, "train")
+    test = data.load(FLAGS.data_dir, "test")
+    batch, epochs = defaults["batch_size"], defaults["epochs"]
+    steps = defaults["steps_per_epoch"] or int(train.cardinality()) // batch
+    lr, decay, k, lr_min = (defaults["learning_rate"], defaults["lr_decay"], defaults["lr_decay_steps"],
+                            defaults["lr_min"])
+    if decay is None:
+        schedule = lr
+    else:
+        # lr_min + lr * decay ^ (step / k): k = one epoch (staircase) or a number of steps (smooth).
+        period, staircase = (steps, True) if k == "epoch" else (k, False)
+        base = keras.optimizers.schedules.ExponentialDecay(lr, period, decay, staircase=staircase)
+
+        class Shifted(keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):
+                return lr_min + base(step)
+
+        schedule = Shifted()
+    optimizer = (keras.optimizers.Adam(schedule) if defaults["optimizer"] == "adam"
+                 else keras.optimizers.SGD(schedule))
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    for epoch in range(epochs):
+        model.fit(data.training_batches(train, batch, seed, epoch).take(steps), epochs=1, verbose=0)
+    _, accuracy = model.evaluate(data.evaluation_batches(test), verbose=0)
+    return accuracy
+
+
+def main(argv):
+    del argv
+    rows = []
+    for name in FLAGS.models:
+        accuracies = []
+        for seed in (int(s) for s in FLAGS.seeds):
+            started = time.monotonic()
+            accuracy = keras_run(name, seed, FLAGS.dropout)
+            accuracies.append(accuracy)
+            print(f"{name} keras twin, seed {seed}: test accuracy {100 * accuracy:.2f}% "
+                  f"({time.monotonic() - started:.0f} s)", flush=True)
+        rows.append((name, accuracies))
+    print("\n| model (Keras twin) | dropout | seeds | test accuracy per seed | median |\n| --- | --- | --- | --- | --- |")
+    for name, accuracies in rows:
+        per_seed = ", ".join(f"{100 * a:.2f}%" for a in accuracies)
+        print(f"| {name} | {FLAGS.dropout if FLAGS.dropout is not None else 'default'} | {','.join(FLAGS.seeds)} | "
+              f"{per_seed} | {100 * statistics.median(accuracies):.2f}% |")
+
+
+if __name__ == "__main__":
+    app.run(main)
