@@ -42,6 +42,12 @@ def _padding(padding, layer):
     return padding.lower()
 
 
+def _check_kernel_init(kernel_init, layer):
+    if kernel_init not in initializers.KERNEL_INITIALIZERS:
+        raise ValueError(f"{layer}: unknown kernel_init {kernel_init!r}; "
+                         f"expected one of {initializers.KERNEL_INITIALIZERS}")
+
+
 def _spatial_out(size, window, stride, padding):
     """Output length along one axis: same -> ceil(size / stride); valid -> ceil((size - window + 1) / stride)."""
     if size is None:
@@ -171,9 +177,7 @@ class Dense(Layer):
         super().__init__(name=name)
         if not isinstance(units, int) or units <= 0:
             raise ValueError(f"{self}: units must be a positive int, got {units!r}")
-        if kernel_init not in initializers.KERNEL_INITIALIZERS:
-            raise ValueError(f"{self}: unknown kernel_init {kernel_init!r}; "
-                             f"expected one of {initializers.KERNEL_INITIALIZERS}")
+        _check_kernel_init(kernel_init, self)
         self.units = units
         self.activation = activations.get(activation)
         self.use_bias = use_bias
@@ -227,9 +231,7 @@ class Conv2D(Layer):
         super().__init__(name=name)
         if not isinstance(filters, int) or filters <= 0:
             raise ValueError(f"{self}: filters must be a positive int, got {filters!r}")
-        if kernel_init not in initializers.KERNEL_INITIALIZERS:
-            raise ValueError(f"{self}: unknown kernel_init {kernel_init!r}; "
-                             f"expected one of {initializers.KERNEL_INITIALIZERS}")
+        _check_kernel_init(kernel_init, self)
         self.filters = filters
         self.kernel_size = _pair(kernel_size, "kernel_size", self)
         self.strides = _pair(strides, "strides", self)

@@ -18,6 +18,12 @@ def _conv_bn_relu(filters, kernel_size, strides, name, kernel_init="glorot_unifo
             Activation("relu", name=f"{name}_relu")]
 
 
+def _dense_bn_relu(units, name, kernel_init="glorot_uniform"):
+    return [Dense(units, use_bias=False, kernel_init=kernel_init, name=name),
+            BatchNorm(center=True, scale=False, name=f"{name}_bn"),
+            Activation("relu", name=f"{name}_relu")]
+
+
 def _head(dropout):
     """[dropout ->] dense 10 logits; a dropout rate of 0 leaves the Dropout layer out."""
     return ([Dropout(dropout, name="dropout")] if dropout else []) + [Dense(10, name="logits")]
@@ -40,10 +46,8 @@ def conv_bn(dropout=0.3):
         _conv_bn_relu(12, 3, 1, "conv1")
         + _conv_bn_relu(24, 6, 2, "conv2")
         + _conv_bn_relu(32, 6, 2, "conv3")
-        + [Flatten(name="flatten"),
-           Dense(200, use_bias=False, name="dense1"),
-           BatchNorm(center=True, scale=False, name="dense1_bn"),
-           Activation("relu", name="dense1_relu")]
+        + [Flatten(name="flatten")]
+        + _dense_bn_relu(200, "dense1")
         + _head(dropout),
         name="conv_bn")
 
@@ -58,10 +62,8 @@ def conv_bn_big(dropout=0.25):
         _conv_bn_relu(24, 6, 1, "conv1", init)
         + _conv_bn_relu(48, 5, 2, "conv2", init)
         + _conv_bn_relu(64, 4, 2, "conv3", init)
-        + [Flatten(name="flatten"),
-           Dense(200, use_bias=False, kernel_init=init, name="dense1"),
-           BatchNorm(center=True, scale=False, name="dense1_bn"),
-           Activation("relu", name="dense1_relu")]
+        + [Flatten(name="flatten")]
+        + _dense_bn_relu(200, "dense1", init)
         + _head(dropout),
         name="conv_bn_big")
 
