@@ -52,8 +52,10 @@ print(json.dumps({
     "probabilities_sum_to_1": float(np.abs(probabilities.sum(axis=1) - 1).max()),
     "shapes": [list(probabilities.shape), list(classes.shape)],
     "specs": specs,
+    # modules loaded from the repository's own code (not from a virtual environment that may live inside it)
     "project_modules": sorted(m for m, mod in sys.modules.items()
-                              if (getattr(mod, "__file__", None) or "").startswith(repo)),
+                              if (getattr(mod, "__file__", None) or "").startswith(repo)
+                              and not (getattr(mod, "__file__", None) or "").startswith(sys.prefix)),
 }))
 """
 
