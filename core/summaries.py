@@ -13,8 +13,9 @@ lists three runs per training run: `<run>`, `<run>/train`, `<run>/validation`):
                            learning_rate           every log point (and at an epoch end between log points)
                            epoch_loss, epoch_accuracy   each epoch end: mean over the whole epoch
     validation/   scalars  loss, accuracy          each epoch end (same tags as train/: one chart, two curves)
-    . (logdir)    histograms <layer>/<variable>    each epoch end: conv1/w, conv1/b, conv1_bn/moving_mean, ...
-                             activations/<layer>   each epoch end: every layer's output on the sample images
+    . (logdir)    histograms <layer>/<variable>    every histogram_every_epochs-th epoch end (default: each):
+                                                   conv1/w, conv1/b, conv1_bn/moving_mean, ...
+                             activations/<layer>   same epoch ends: every layer's output on the sample images
                                                    (a fixed random subset of histogram_values if larger)
                   images   predictions             each epoch end: sample digits, misrecognised first in red
                            font_digits             each epoch end: printed digits 0-9 and their predictions
@@ -69,30 +70,37 @@ class TensorBoard(Callback):
     logdir: directory of the run (event files go into it and its train/ and validation/ subdirectories,
       the PNG pictures into it).
     sample_images [N, H, W, C] floats, sample_labels [N] ints: a fixed batch (e.g. the first 1,000 test
-      images) for the activation histograms and the prediction mosaic.
+      images) for the activation histograms and the prediction mosaic; None (both): neither of those.
     hparams: {name: bool | int | float | str} for the HParams dashboard, or None for no hparams session.
     schedule: callable step -> learning rate (the optimizer's), drawn over total_steps in learning_rate.png.
     total_steps: the run's planned number of steps (default: the last step reached).
     font_digits: also predict printed digits 0-9 (core.pictures.font_digits) every epoch.
     mosaic_size: digits in the prediction mosaic (the misrecognised ones first).
+    histogram_every_epochs: histograms (the costly part) at every n-th epoch end only; 0: none.
     histogram_values: an activation with more values than this (conv1 of conv_bn_big on 1,000 images has
       18.8 million) is histogrammed from this many of them, drawn at fixed positions (a stateless draw
       that leaves TF's random state alone); variables are always histogrammed whole.
     """
 
-    def __init__(self, logdir, sample_images, sample_labels, hparams=None, schedule=None, total_steps=None,
-                 font_digits=True, mosaic_size=100, histogram_values=250_000):
-        images = np.asarray(sample_images, np.float32)
-        labels = np.asarray(sample_labels).astype(np.int64)
-        if images.ndim != 4 or labels.shape != images.shape[:1]:
-            raise ValueError(f"TensorBoard: expected sample_images [N,H,W,C] and sample_labels [N], got images "
-                             f"{list(images.shape)} and labels {list(labels.shape)}")
-        if mosaic_size < 1 or histogram_values < 1:
-            raise ValueError(f"TensorBoard: mosaic_size and histogram_values must be >= 1, got {mosaic_size} "
-                             f"and {histogram_values}")
+    def __init__(self, logdir, sample_images=None, sample_labels=None, hparams=None, schedule=None,
+                 total_steps=None, font_digits=True, mosaic_size=100, histogram_values=250_000,
+                 histogram_every_epochs=1):
+        if (sample_images is None) != (sample_labels is None):
+            raise ValueError("TensorBoard: give both sample_images and sample_labels, or neither")
+        if sample_images is not None:
+            images = np.asarray(sample_images, np.float32)
+            labels = np.asarray(sample_labels).astype(np.int64)
+            if images.ndim != 4 or labels.shape != images.shape[:1]:
+                raise ValueError(f"TensorBoard: expected sample_images [N,H,W,C] and sample_labels [N], got "
+                                 f"images {list(images.shape)} and labels {list(labels.shape)}")
+        if mosaic_size < 1 or histogram_values < 1 or histogram_every_epochs < 0:
+            raise ValueError(f"TensorBoard: mosaic_size and histogram_values must be >= 1 and "
+                             f"histogram_every_epochs >= 0, got {mosaic_size}, {histogram_values} and "
+                             f"{histogram_every_epochs}")
         self.logdir = str(logdir)
-        self.sample_images = tf.constant(images)
-        self.sample_labels = labels
+        self.sample_images = None if sample_images is None else tf.constant(images)
+        self.sample_labels = None if sample_labels is None else labels
+        self.histogram_every_epochs = histogram_every_epochs
         self.hparams = None if hparams is None else {name: _hparam_value(v) for name, v in hparams.items()}
         self.schedule = schedule
         self.total_steps = total_steps
@@ -145,7 +153,8 @@ class TensorBoard(Callback):
             with self.writers["validation"].as_default(step=step):
                 tf.summary.scalar("loss", logs["val_loss"])
                 tf.summary.scalar("accuracy", logs["val_accuracy"])
-        self.write_model_summaries(step)
+        histograms = self.histogram_every_epochs > 0 and epoch % self.histogram_every_epochs == 0
+        self.write_model_summaries(step, histograms=histograms)
         if self.hparams is not None:
             self._write_hparam_metrics(step, logs)
         self._flush()
@@ -162,20 +171,29 @@ class TensorBoard(Callback):
 
     # ------------------------------------------------------------------------------------- writing
 
-    def write_model_summaries(self, step):
-        """Histograms of every variable and every layer's activations, the prediction mosaic and the
-        font digits, all at `step`, into logdir. One forward pass over the sample images."""
-        activations = self.model.activations(self.sample_images, training=False)
+    def write_model_summaries(self, step, histograms=True):
+        """Histograms (when `histograms`) of every variable and every layer's activations, the prediction
+        mosaic and the font digits, all at `step`, into logdir. One forward pass over the sample images."""
+        activations = logits = None
+        if self.sample_images is not None:
+            if histograms:
+                activations = self.model.activations(self.sample_images, training=False)
+                logits = activations[-1][1]
+            else:
+                logits = self.model(self.sample_images, training=False)
         with self.writers["run"].as_default(step=step):
-            for tag, variable in model_variables(self.model):
-                tf.summary.histogram(tag, variable)
-            for layer_name, output in activations:
+            if histograms:
+                for tag, variable in model_variables(self.model):
+                    tf.summary.histogram(tag, variable)
+            for layer_name, output in activations or []:
                 tf.summary.histogram(f"activations/{layer_name}", self._some_values(output))
-            shown = self._pictures(step, activations[-1][1])
-            # A description is stored with a tag's first value only, so it says nothing about one epoch.
-            tf.summary.image("predictions", shown["mosaic"][np.newaxis], description=(
-                f"{min(self.mosaic_size, len(self.sample_labels))} of the {len(self.sample_labels):,} sample "
-                f"digits: the misrecognised ones first (red, labelled true→predicted), then the others."))
+            shown = self._pictures(step, logits)
+            if shown["mosaic"] is not None:
+                # A description is stored with a tag's first value only, so it says nothing about one epoch.
+                tf.summary.image("predictions", shown["mosaic"][np.newaxis], description=(
+                    f"{min(self.mosaic_size, len(self.sample_labels))} of the {len(self.sample_labels):,} "
+                    f"sample digits: the misrecognised ones first (red, labelled true→predicted), then the "
+                    f"others."))
             if shown["font_row"] is not None:
                 tf.summary.image("font_digits", shown["font_row"][np.newaxis], description=(
                     "Printed digits 0-9 from local fonts in MNIST style (out of distribution); misrecognised: "
@@ -215,13 +233,16 @@ class TensorBoard(Callback):
 
     def _pictures(self, step, logits=None):
         """{step, mosaic, wrong, font_row, font_wrong}: the sample images' mosaic and how many of them are
-        misrecognised, the font digits' row (None without font digits) and its misrecognised count."""
-        if logits is None:
-            logits = self.model(self.sample_images, training=False)
-        predictions = tf.argmax(logits, axis=-1).numpy()
-        shown = {"step": step, "wrong": int((predictions != self.sample_labels).sum()), "font_row": None,
-                 "mosaic": pictures.prediction_mosaic(self.sample_images.numpy(), self.sample_labels, predictions,
-                                                      max_images=self.mosaic_size)}
+        misrecognised (None without sample images), the font digits' row (None without font digits) and its
+        misrecognised count."""
+        shown = {"step": step, "mosaic": None, "wrong": None, "font_row": None}
+        if self.sample_images is not None:
+            if logits is None:
+                logits = self.model(self.sample_images, training=False)
+            predictions = tf.argmax(logits, axis=-1).numpy()
+            shown["wrong"] = int((predictions != self.sample_labels).sum())
+            shown["mosaic"] = pictures.prediction_mosaic(self.sample_images.numpy(), self.sample_labels,
+                                                         predictions, max_images=self.mosaic_size)
         if self.font_images is not None:
             font_predictions = self._predict(self.font_images)
             shown["font_wrong"] = int((font_predictions != self.font_labels).sum())
@@ -249,13 +270,17 @@ class TensorBoard(Callback):
 
         if self.latest_pictures is None and self.model is not None:
             self.latest_pictures = self._pictures(step or reached)
-        if self.latest_pictures is not None:
-            shown = self.latest_pictures
-            title = (f"step {shown['step']:,}: {shown['wrong']} of {len(self.sample_labels):,} sample digits "
-                     f"misrecognised, shown first in red (true→predicted)")
-            parts = [shown["mosaic"]]
+        shown = self.latest_pictures
+        if shown is not None and (shown["mosaic"] is not None or shown["font_row"] is not None):
+            lines, parts = [], []
+            if shown["mosaic"] is not None:
+                lines.append(f"step {shown['step']:,}: {shown['wrong']} of {len(self.sample_labels):,} sample "
+                             f"digits misrecognised, shown first in red (true→predicted)")
+                parts.append(shown["mosaic"])
             if shown["font_row"] is not None:
                 parts.append(shown["font_row"])
-                title += f"\nlast row: printed digits, {shown['font_wrong']} of 10 misrecognised"
+                where = "last row" if shown["mosaic"] is not None else f"step {shown['step']:,}"
+                lines.append(f"{where}: printed digits, {shown['font_wrong']} of 10 misrecognised (red)")
+            title = "\n".join(lines)
             pictures.save_image_png(os.path.join(self.logdir, "predictions.png"),
                                     pictures.stack_pictures(parts), title=title)

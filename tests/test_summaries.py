@@ -319,9 +319,31 @@ def test_the_callback_leaves_training_bit_identical(mnist_dir, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(with_callback, without))
 
 
+def test_histograms_every_second_epoch_and_no_sample_images(mnist_dir, tmp_path):
+    """histogram_every_epochs=2 over 3 epochs: variable histograms at epoch 2 only; without sample images no
+    activations and no mosaic, but the font digits every epoch and a predictions.png of them."""
+    train = data.load(mnist_dir, "train").take(96)
+    tensorboard = TensorBoard(tmp_path, hparams=None, histogram_every_epochs=2)
+    trainer = Trainer(tiny_model(), Adam(0.01), callbacks=[tensorboard], log_every=2, progress=False)
+    history = trainer.fit(lambda epoch: data.training_batches(train, 32, seed=1, epoch=epoch), 3)
+    values, _, _ = read_events(tmp_path)
+    epoch_steps = [e["step"] for e in history.epochs]
+    assert steps_of(values, "conv1/w") == [epoch_steps[1]]
+    assert steps_of(values, "logits/b") == [epoch_steps[1]]
+    assert not [tag for tag in values if tag.startswith("activations/")]
+    assert "predictions" not in values
+    assert steps_of(values, "font_digits") == epoch_steps
+    with Image.open(tmp_path / "predictions.png") as picture:
+        picture.verify()
+
+
 def test_bad_sample_arguments():
     with pytest.raises(ValueError, match=r"sample_images \[N,H,W,C\] and sample_labels \[N\]"):
         TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(4), font_digits=False)
+    with pytest.raises(ValueError, match="both sample_images and sample_labels, or neither"):
+        TensorBoard("unused", np.zeros((5, 28, 28, 1)), font_digits=False)
+    with pytest.raises(ValueError, match="histogram_every_epochs >= 0"):
+        TensorBoard("unused", histogram_every_epochs=-1, font_digits=False)
     with pytest.raises(ValueError, match="histogram_values must be >= 1"):
         TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(5), font_digits=False, histogram_values=0)
 
