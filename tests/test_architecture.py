@@ -1,0 +1,51 @@
+"""The house rules, read from the source: arrows point one way (train.py -> models/ -> core/) and Keras stays out
+of core/ and models/ (it is only the oracle in tests and benchmarks)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path):
+    """Top-level names of every module `path` imports, plus 'tf.keras' if it touches tf.keras / tensorflow.keras."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Attribute) and node.attr == "keras":
+            names.add("tf.keras")
+    return names
+
+
+def sources(folder):
+    return sorted((REPO / folder).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", sources("core") + sources("models"), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_keras_in_the_framework_or_the_models(path):
+    keras = {name for name in imported_modules(path)
+             if name == "tf.keras" or name.split(".")[0] == "keras" or name.startswith("tensorflow.keras")}
+    assert not keras, f"{path.relative_to(REPO)} uses {sorted(keras)}"
+
+
+@pytest.mark.parametrize("path", sources("core"), ids=lambda p: p.name)
+def test_core_imports_nothing_above_it(path):
+    above = {name for name in imported_modules(path) if name.split(".")[0] in ("models", "train", "predict")}
+    assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
+
+
+@pytest.mark.parametrize("path", sources("models"), ids=lambda p: p.name)
+def test_models_import_no_entry_point(path):
+    above = {name for name in imported_modules(path) if name.split(".")[0] in ("train", "predict")}
+    assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
+
+
+def test_the_rule_reader_sees_keras_and_upward_imports(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import keras\nfrom models import REGISTRY\nimport tensorflow as tf\nx = tf.keras.layers\n")
+    assert {"keras", "models", "tf.keras"} <= imported_modules(bad)
