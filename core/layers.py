@@ -403,25 +403,6 @@ class Activation(Layer):
         return f"y = {activations.name_of(self.fn) or 'identity'}(x{_shape_str(input_shape)})"
 
 
-class Flatten(Layer):
-    """y = reshape(x, [N, d1 * d2 * ...]): x [N, d1, d2, ...] -> y [N, prod(d)] (row-major, as Keras)."""
-
-    def _create_variables(self, input_shape):
-        if any(d is None for d in input_shape[1:]):
-            raise ValueError(f"{self}: every non-batch dimension must be known, got {_shape_str(input_shape)}")
-
-    def _forward(self, x, training):
-        return tf.reshape(x, [tf.shape(x)[0], self.output_shape()[1]])
-
-    def output_shape(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        return (None, math.prod(input_shape[1:]))
-
-    def formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        return f"y = reshape(x{_shape_str(input_shape)}, {_shape_str(self.output_shape(input_shape))})"
-
-
 class Reshape(Layer):
     """y = reshape(x, [N] + shape): x [N, ...] -> y [N, *shape]; one entry of `shape` may be -1 (inferred)."""
 
@@ -456,6 +437,14 @@ class Reshape(Layer):
     def formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return f"y = reshape(x{_shape_str(input_shape)}, {_shape_str(self.output_shape(input_shape))})"
+
+
+class Flatten(Reshape):
+    """y = reshape(x, [N, d1 * d2 * ...]): x [N, d1, d2, ...] -> y [N, prod(d)] (row-major, as Keras);
+    Reshape((-1,))."""
+
+    def __init__(self, name=None):
+        super().__init__((-1,), name=name)
 
 
 class MaxPool2D(Layer):
