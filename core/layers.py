@@ -123,16 +123,10 @@ class Layer(tf.Module):
             if rank < 2:
                 raise ValueError(f"{self}: expected an input with a batch dimension (rank >= 2), "
                                  f"got shape {_shape_str(input_shape)}")
-        elif rank not in self._accepted_ranks():
-            raise ValueError(f"{self}: expected input of rank {self._rank_text()}, "
+        elif rank != self.input_rank:
+            expected = {2: "2 [N,features]", 4: "4 [N,height,width,channels]"}.get(self.input_rank, self.input_rank)
+            raise ValueError(f"{self}: expected input of rank {expected}, "
                              f"got shape {_shape_str(input_shape)} (rank {rank})")
-
-    def _accepted_ranks(self):
-        return self.input_rank if isinstance(self.input_rank, tuple) else (self.input_rank,)
-
-    def _rank_text(self):
-        examples = {2: "2 [N,features]", 4: "4 [N,height,width,channels]"}
-        return " or ".join(examples.get(r, str(r)) for r in self._accepted_ranks())
 
     def _check_input_shape(self, input_shape):
         built = self.input_shape
