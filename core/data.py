@@ -82,6 +82,11 @@ def default_data_dir():
     return os.path.expanduser(directory)
 
 
+def _directory(data_dir):
+    """`data_dir` (str or path, may start with ~) as a Path."""
+    return Path(os.path.expanduser(str(data_dir)))
+
+
 def how_to_point_at_a_copy():
     """The advice printed whenever the files cannot be found or fetched."""
     names = ", ".join(FILES.values())
@@ -91,7 +96,7 @@ def how_to_point_at_a_copy():
 
 def find_files(data_dir):
     """{key: path of the plain file, else of the .gz file, else None} for every key of FILES."""
-    directory = Path(os.path.expanduser(str(data_dir)))
+    directory = _directory(data_dir)
     paths = {}
     for key, name in FILES.items():
         candidates = [directory / name, directory / (name + ".gz")]
@@ -106,7 +111,7 @@ def prepare(data_dir=None, download=True, base_url=BASE_URL, progress=True, md5=
     when `download` is True; their decompressed MD5 must equal `md5[key]` (default MD5).
     Raises DataError (one line) for anything that stops training.
     """
-    directory = Path(os.path.expanduser(str(data_dir or default_data_dir())))
+    directory = _directory(data_dir or default_data_dir())
     md5 = MD5 if md5 is None else md5
     missing = [key for key, path in find_files(directory).items() if path is None]
     if missing and not download:
@@ -135,7 +140,7 @@ def validate(data_dir):
     count * 784 (images) or count (labels); images and labels of a split have the same count;
     every label is in 0..9.
     """
-    directory = Path(os.path.expanduser(str(data_dir)))
+    directory = _directory(data_dir)
     if not directory.is_dir():
         raise DataError(f"{directory}: data directory not found; {how_to_point_at_a_copy()}")
     return {split: _check_split(directory, split)[2] for split in SPLITS}
@@ -151,7 +156,7 @@ def load(data_dir, split, flat=False):
     """
     if split not in SPLITS:
         raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
-    image_path, label_path, count = _check_split(Path(os.path.expanduser(str(data_dir))), split)
+    image_path, label_path, count = _check_split(_directory(data_dir), split)
     image_shape = [count, IMAGE_BYTES] if flat else [count, HEIGHT, WIDTH, 1]
     try:
         pixels = tf.reshape(_decode(image_path, IMAGE_HEADER_BYTES, IMAGE_BYTES), image_shape)
