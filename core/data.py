@@ -316,10 +316,7 @@ def _checked_count(path, kind):
 
 
 def _check_images(path):
-    header, body_size, _ = _read(path, IMAGE_HEADER_BYTES, keep_body=False)
-    _check_magic(path, header, IMAGE_MAGIC, "images")
-    if len(header) < IMAGE_HEADER_BYTES:
-        raise DataError(f"{path}: truncated header ({len(header)} of {IMAGE_HEADER_BYTES} bytes)")
+    header, body_size, _ = _read_checked(path, IMAGE_HEADER_BYTES, IMAGE_MAGIC, "images", keep_body=False)
     count, rows, cols = struct.unpack(">III", header[4:16])
     if (rows, cols) != (HEIGHT, WIDTH):
         raise DataError(f"{path}: images are {rows}x{cols}, expected {HEIGHT}x{WIDTH}")
@@ -328,10 +325,7 @@ def _check_images(path):
 
 
 def _check_labels(path):
-    header, body_size, body = _read(path, LABEL_HEADER_BYTES, keep_body=True)
-    _check_magic(path, header, LABEL_MAGIC, "labels")
-    if len(header) < LABEL_HEADER_BYTES:
-        raise DataError(f"{path}: truncated header ({len(header)} of {LABEL_HEADER_BYTES} bytes)")
+    header, body_size, body = _read_checked(path, LABEL_HEADER_BYTES, LABEL_MAGIC, "labels", keep_body=True)
     (count,) = struct.unpack(">I", header[4:8])
     _check_size(path, count, count, body_size, "labels")
     labels = np.frombuffer(body, dtype=np.uint8)
@@ -341,6 +335,15 @@ def _check_labels(path):
         raise DataError(f"{path}: label {labels[index]} at index {index} is outside 0..{NUM_CLASSES - 1} "
                         f"({outside.size} such labels)")
     return count
+
+
+def _read_checked(path, header_bytes, magic, kind, keep_body):
+    """_read(), then the magic number and a complete header checked. Raises DataError."""
+    header, body_size, body = _read(path, header_bytes, keep_body)
+    _check_magic(path, header, magic, kind)
+    if len(header) < header_bytes:
+        raise DataError(f"{path}: truncated header ({len(header)} of {header_bytes} bytes)")
+    return header, body_size, body
 
 
 def _check_magic(path, header, expected, kind):
