@@ -117,8 +117,9 @@ class ProgressBar:
         if not self.enabled or self.closed:
             return
         now = time.monotonic()
-        interval = self.min_interval if self.interactive else self.plain_interval
-        if self._last_draw is None and not self.interactive:
+        interactive = self.interactive
+        interval = self.min_interval if interactive else self.plain_interval
+        if self._last_draw is None and not interactive:
             self._last_draw = now  # plain mode: the first line comes after one interval, or at close
             return
         if self._last_draw is None or now - self._last_draw >= interval:
