@@ -48,13 +48,14 @@ def _check_kernel_init(kernel_init, layer):
                          f"expected one of {initializers.KERNEL_INITIALIZERS}")
 
 
-def _spatial_out(size, window, stride, padding):
-    """Output length along one axis: same -> ceil(size / stride); valid -> ceil((size - window + 1) / stride)."""
-    if size is None:
-        return None
-    if padding == "same":
-        return -(-size // stride)
-    return -(-(size - window + 1) // stride)
+def _spatial_out(input_shape, window, strides, padding):
+    """(H', W') for x [N, H, W, C]: same -> ceil(H / sh); valid -> ceil((H - kh + 1) / sh); likewise W."""
+    out = []
+    for size, k, s in zip(input_shape[1:3], window, strides):
+        if size is not None:
+            size = -(-(size if padding == "same" else size - k + 1) // s)
+        out.append(size)
+    return tuple(out)
 
 
 def _check_spatial(layer, input_shape, window, padding):
@@ -255,11 +256,7 @@ class Conv2D(Layer):
 
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
-        _, h, w, _ = input_shape
-        return (None,
-                _spatial_out(h, self.kernel_size[0], self.strides[0], self.padding),
-                _spatial_out(w, self.kernel_size[1], self.strides[1], self.padding),
-                self.filters)
+        return (None,) + _spatial_out(input_shape, self.kernel_size, self.strides, self.padding) + (self.filters,)
 
     def formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
@@ -464,11 +461,7 @@ class MaxPool2D(Layer):
 
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
-        _, h, w, c = input_shape
-        return (None,
-                _spatial_out(h, self.pool_size[0], self.strides[0], self.padding),
-                _spatial_out(w, self.pool_size[1], self.strides[1], self.padding),
-                c)
+        return (None,) + _spatial_out(input_shape, self.pool_size, self.strides, self.padding) + (input_shape[-1],)
 
     def formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
