@@ -108,6 +108,14 @@ def _batch_specs(element_spec):
                  for spec, name in ((images, "images"), (labels, "labels")))
 
 
+def _check_positive(name, value, none_ok=False):
+    """Raises ValueError unless `value` is a positive int (or None, if `none_ok`)."""
+    if none_ok and value is None:
+        return
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if none_ok else ''}, got {value!r}")
+
+
 def _finite_flags(tensors):
     """[k] bool: is every element of tensors[i] finite."""
     return tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
@@ -145,14 +153,11 @@ class Trainer:
 
     def __init__(self, model, optimizer, loss_fn=softmax_cross_entropy, callbacks=(), log_every=100,
                  checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, progress=True):
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+        _check_positive("log_every", log_every)
+        _check_positive("checkpoint_every", checkpoint_every, none_ok=True)
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
-        if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be a positive integer, got {keep_checkpoints!r}")
+        _check_positive("keep_checkpoints", keep_checkpoints)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -348,10 +353,8 @@ class Trainer:
         validation_data: a Dataset of batches evaluated after each epoch, or None.
         steps_per_epoch: stop each epoch after that many batches (None: the whole dataset).
         """
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+        _check_positive("epochs", epochs)
+        _check_positive("steps_per_epoch", steps_per_epoch, none_ok=True)
         epoch_data = train_data if callable(train_data) else (lambda epoch: train_data)
         self._prepare(self._dataset(epoch_data, 0).element_spec, "train")
         self._open_checkpoints()
