@@ -58,6 +58,12 @@ def _spatial_out(input_shape, window, strides, padding):
     return tuple(out)
 
 
+def _activated(fn, z):
+    """The formula "y = fn(z)", or "y = z" when fn is the identity."""
+    name = activations.name_of(fn)
+    return f"y = {name}({z})" if name else f"y = {z}"
+
+
 def _check_spatial(layer, input_shape, window, padding):
     if padding == "valid":
         for size, k in zip(input_shape[1:3], window):
@@ -203,8 +209,7 @@ class Dense(Layer):
         z = f"x{_shape_str(input_shape)} @ w[{n_in},{self.units}]"
         if self.use_bias:
             z += f" + b[{self.units}]"
-        fn = activations.name_of(self.activation)
-        return f"y = {fn}({z})" if fn else f"y = {z}"
+        return _activated(self.activation, z)
 
 
 class Conv2D(Layer):
@@ -266,8 +271,7 @@ class Conv2D(Layer):
              f"stride {stride}, {self.padding})")
         if self.use_bias:
             z += f" + b[{self.filters}]"
-        fn = activations.name_of(self.activation)
-        return f"y = {fn}({z})" if fn else f"y = {z}"
+        return _activated(self.activation, z)
 
 
 class BatchNorm(Layer):
