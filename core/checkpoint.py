@@ -120,7 +120,7 @@ class Checkpointer:
                 expected = self.expected_specs()
             problem = describe_mismatch(expected, found)
             if problem:
-                raise CheckpointMismatchError(f"checkpoint {path} does not match this model/optimizer: {problem}")
+                raise _mismatch(path, problem)
             try:
                 status = self.checkpoint.restore(path)
             except Exception as error:  # names and shapes matched, so the data file is damaged
@@ -129,17 +129,25 @@ class Checkpointer:
             try:
                 status.assert_consumed()
             except AssertionError as error:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else "unmatched objects"
-                raise CheckpointMismatchError(
-                    f"checkpoint {path} does not match this model/optimizer: {first}") from None
+                raise _mismatch(path, _first_line(error) or "unmatched objects") from None
             return path
         if failures:
             raise CheckpointUnreadableError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
 
 
+def _first_line(error):
+    """The first line of the error's message ('' if it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _mismatch(path, problem):
+    return CheckpointMismatchError(f"checkpoint {path} does not match this model/optimizer: {problem}")
+
+
 def _warn_unreadable(path, error):
-    text = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    first = _first_line(error)
+    reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
     _log.warning("checkpoint %s is unreadable (%s); trying an older one", path, reason)
     return f"{os.path.basename(path)} ({reason})"
