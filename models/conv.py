@@ -11,17 +11,20 @@ def _conv_relu(filters, kernel_size, strides, name):
     return [Conv2D(filters, kernel_size, strides=strides, padding="same", activation="relu", name=name)]
 
 
+def _bn_relu(layer):
+    """layer (no bias) -> BatchNorm(center, no scale) -> ReLU, the batch-norm and ReLU named after the layer."""
+    return [layer,
+            BatchNorm(center=True, scale=False, name=f"{layer.name}_bn"),
+            Activation("relu", name=f"{layer.name}_relu")]
+
+
 def _conv_bn_relu(filters, kernel_size, strides, name, kernel_init="glorot_uniform"):
-    return [Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                   kernel_init=kernel_init, name=name),
-            BatchNorm(center=True, scale=False, name=f"{name}_bn"),
-            Activation("relu", name=f"{name}_relu")]
+    return _bn_relu(Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                           kernel_init=kernel_init, name=name))
 
 
 def _dense_bn_relu(units, name, kernel_init="glorot_uniform"):
-    return [Dense(units, use_bias=False, kernel_init=kernel_init, name=name),
-            BatchNorm(center=True, scale=False, name=f"{name}_bn"),
-            Activation("relu", name=f"{name}_relu")]
+    return _bn_relu(Dense(units, use_bias=False, kernel_init=kernel_init, name=name))
 
 
 def _head(dropout):
