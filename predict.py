@@ -9,13 +9,13 @@ Prints one line per digit:  <input>: <class>  (<class>: <probability>  ...top_k.
 Errors are one line each on stderr: exit code 1 for an input or model that cannot be used (the other inputs are
 still classified), 2 for bad flags (unknown flag, missing --model_dir, no inputs, --top_k outside 1..10).
 """
-import contextlib
 import os
 import sys
 
 from absl import app, flags
 
 from core import digits
+from core.native_logs import quiet_native_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "SavedModel directory written by train.py (<run dir>/saved_model, or "
@@ -66,26 +66,9 @@ def find_saved_model(model_dir):
     return os.path.join(model_dir, str(max(versions)))
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silences file descriptor 2 (TensorFlow's C++ start-up log lines); Python errors are reported after."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def classify(saved_model_dir, images):
     """images [N, 28, 28] float32 -> (probabilities [N, 10], classes [N]) through serving_default."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with quiet_stderr():
+    with quiet_native_logs(replay_on_error=False):
         from core import export
         classifier = export.Classifier(saved_model_dir)
         return classifier(images)

@@ -13,16 +13,16 @@ config.json, metrics.json and saved_model/. Running again with the same --run_na
 
 Exit codes: 0 done; 1 unusable data, non-finite loss, failed export; 2 bad flags; 130 interrupted.
 """
-import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
+
+from core.native_logs import quiet_native_logs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -102,27 +102,6 @@ def fail(message, code):
     sys.stdout.flush()
     print(f"{PROGRAM}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
-
-
-@contextlib.contextmanager
-def quiet_native_logs():
-    """Hides what TensorFlow's C++ runtime writes to file descriptor 2 while it starts (oneDNN notice, CUDA
-    probing on a machine without GPU); TF_CPP_MIN_LOG_LEVEL does not reach those lines. If starting fails,
-    the hidden text is written out before the error propagates."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode("utf-8", "replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def load_tensorflow():
