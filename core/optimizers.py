@@ -51,7 +51,7 @@ class Optimizer(tf.Module):
         if not self.built:
             self.build(variables)
         index = {ref: i for i, ref in enumerate(self._variable_refs)}
-        learning_rate = self.current_learning_rate()
+        rate = self._step_rate(self.current_learning_rate())
         for g, w in zip(gradients, variables):
             if w.ref() not in index:
                 raise ValueError(f"{type(self).__name__}.apply: variable {w.name} {w.shape.as_list()} was not "
@@ -62,10 +62,14 @@ class Optimizer(tf.Module):
             if not g.shape.is_compatible_with(w.shape):
                 raise ValueError(f"{type(self).__name__}.apply: gradient {g.shape.as_list()} does not match "
                                  f"variable {w.name} {w.shape.as_list()}")
-            self._update(tf.convert_to_tensor(g), w, index[w.ref()], learning_rate)
+            self._update(tf.convert_to_tensor(g), w, index[w.ref()], rate)
         self.step.assign_add(1)
 
-    def _update(self, g, w, i, learning_rate):
+    def _step_rate(self, learning_rate):
+        """The step size every `_update` of this step receives, computed once per step: the learning rate."""
+        return learning_rate
+
+    def _update(self, g, w, i, rate):
         raise NotImplementedError
 
 
@@ -131,11 +135,14 @@ class Adam(Optimizer):
         self.m = [tf.Variable(tf.zeros_like(w), trainable=False, name="m") for w in variables]
         self.v = [tf.Variable(tf.zeros_like(w), trainable=False, name="v") for w in variables]
 
-    def _update(self, g, w, i, learning_rate):
+    def _step_rate(self, learning_rate):
+        """alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t), t = step + 1 (the same for every variable)."""
+        t = tf.cast(self.step + 1, tf.float32)
+        return learning_rate * tf.sqrt(1 - tf.pow(tf.constant(self.beta_2, tf.float32), t)) / (
+            1 - tf.pow(tf.constant(self.beta_1, tf.float32), t))
+
+    def _update(self, g, w, i, alpha):
         m, v = self.m[i], self.v[i]
-        t = tf.cast(self.step + 1, w.dtype)
-        alpha = learning_rate * tf.sqrt(1 - tf.pow(tf.cast(self.beta_2, w.dtype), t)) / (
-            1 - tf.pow(tf.cast(self.beta_1, w.dtype), t))
         m.assign_add((g - m) * (1 - self.beta_1))
         v.assign_add((tf.square(g) - v) * (1 - self.beta_2))
         w.assign_sub(m * alpha / (tf.sqrt(v) + self.epsilon))
