@@ -8,6 +8,7 @@ step of our Trainer against keras model.fit on the same batches in the same proc
 
 train.py's flags (--epochs, --steps_per_epoch, --data_dir, --logdir, --seed, ...) apply to every model.
 """
+import math
 import os
 import statistics
 import sys
@@ -98,7 +99,7 @@ def time_ours(tf, train_set, batch_size, learning_rate, seed, warmup, steps):
 
     tf.random.set_seed(seed)
     model = REGISTRY["conv"].build(REGISTRY["conv"].defaults["dropout"])
-    trainer = Trainer(model, optimizers.Adam(learning_rate), callbacks=[Clock()], log_every=_gcd(warmup, steps),
+    trainer = Trainer(model, optimizers.Adam(learning_rate), callbacks=[Clock()], log_every=math.gcd(warmup, steps),
                       progress=False)
     trainer.fit(lambda epoch: data.training_batches(train_set, batch_size, seed, epoch), epochs=1,
                 steps_per_epoch=warmup + steps)
@@ -136,12 +137,6 @@ def time_keras(tf, train_set, batch_size, learning_rate, seed, warmup, steps):
     model.fit(data.training_batches(train_set, batch_size, seed, 0).take(warmup + steps), epochs=1, verbose=0,
               shuffle=False, callbacks=[Clock()])
     return 1000 * (clock.times[warmup + steps] - clock.times[warmup]) / steps
-
-
-def _gcd(a, b):
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def compare_step_time(overrides, warmup, steps):
