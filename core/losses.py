@@ -21,6 +21,11 @@ def _check(logits, labels, what):
     return logits, labels
 
 
+def _at_labels(x, labels):
+    """x[i, y_i] for every row i: [N, K], [N] -> [N]."""
+    return tf.gather(x, tf.cast(labels, tf.int32), axis=1, batch_dims=1)
+
+
 def log_sum_exp(z):
     """logsumexp(z) = m + log(sum_k e^(z_k - m)), m = max_k z_k, along the last axis: [N, K] -> [N].
 
@@ -37,8 +42,7 @@ def softmax_cross_entropy_per_example(logits, labels):
     Gradient: d loss_i / d z_i = softmax(z_i) - onehot(y_i), finite for any finite logits.
     """
     logits, labels = _check(logits, labels, "softmax_cross_entropy")
-    z_y = tf.gather(logits, tf.cast(labels, tf.int32), axis=1, batch_dims=1)
-    return log_sum_exp(logits) - z_y
+    return log_sum_exp(logits) - _at_labels(logits, labels)
 
 
 def softmax_cross_entropy(logits, labels):
@@ -55,5 +59,4 @@ def naive_softmax_cross_entropy(logits, labels):
     logits, labels = _check(logits, labels, "naive_softmax_cross_entropy")
     e = tf.exp(logits)
     p = e / tf.reduce_sum(e, axis=-1, keepdims=True)
-    p_y = tf.gather(p, tf.cast(labels, tf.int32), axis=1, batch_dims=1)
-    return tf.reduce_mean(-tf.math.log(p_y))
+    return tf.reduce_mean(-tf.math.log(_at_labels(p, labels)))
