@@ -316,8 +316,9 @@ def resolve_run_dir(config):
         except (OSError, ValueError):
             started = None
         if started is not None:
+            settings = dataclasses.asdict(config)
             for key in RESUME_KEYS:
-                now = dataclasses.asdict(config)[key]
+                now = settings[key]
                 if started.get(key) != now:
                     raise FlagError(f"{run_dir} was started with --{key}={started.get(key)}, not {now}; resume "
                                     f"it with the same settings or pass another --run_name")
@@ -348,7 +349,7 @@ def run(config, out=print):
     """
     started = time.monotonic()
     tf = load_tensorflow()
-    from core import data, export
+    from core import data
     from core.checkpoint import CheckpointUnreadableError
     from core.trainer import CheckpointMismatchError, NonFiniteError, Trainer
     from models import REGISTRY
@@ -406,10 +407,10 @@ def run(config, out=print):
                           f"--run_name={os.path.basename(run_dir)} to resume") from None
     results = trainer.evaluate(data.evaluation_batches(test))
 
-    saved_model = export_model(model, os.path.join(run_dir, "saved_model"), export)
+    saved_model = export_model(model, os.path.join(run_dir, "saved_model"))
     exported = [saved_model]
     if config.export_dir:
-        exported.append(export_model(model, config.export_dir, export))
+        exported.append(export_model(model, config.export_dir))
 
     epochs = history.epochs
     best = max(epochs, key=lambda e: e.get("val_accuracy", -1.0)) if epochs else None
@@ -449,7 +450,9 @@ def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test):
                         total_steps=config.epochs * steps_per_epoch)]
 
 
-def export_model(model, export_dir, export):
+def export_model(model, export_dir):
+    """export.export_saved_model, with its failures as a one-line RunError."""
+    from core import export
     try:
         return export.export_saved_model(model, export_dir)
     except (export.ExportError, OSError) as error:
