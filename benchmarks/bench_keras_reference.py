@@ -20,28 +20,19 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 flags.DEFINE_list("models", ["dense_decay"], "Models whose Keras twin is trained with the model's defaults.")
 flags.DEFINE_list("seeds", ["1"], "Seeds (one run each).")
 flags.DEFINE_string("data_dir", os.path.join(os.path.dirname(ROOT), "shared", "mnist"), "MNIST directory.")
-flags.DEFINE_float("dropout", None, "Override the model's dropout rate.")
 FLAGS = flags.FLAGS
 
 
-def keras_run(name, seed, dropout):
+def keras_run(name, seed):
     """Test accuracy of the Keras twin of `name` trained with the model's defaults on our batches."""
     import keras
     from core import data
-    from keras_twins import _keras_conv, _keras_dense, KERAS_TWINS
+    from keras_twins import KERAS_TWINS
     from models import REGISTRY
 
     defaults = REGISTRY[name].defaults
-    rate = defaults["dropout"] if dropout is None else dropout
     keras.utils.set_random_seed(seed)
-    if dropout is None:
-        model = KERAS_TWINS[name]()
-    elif name == "dense_decay":
-        model = _keras_dense((200, 100, 60), "relu", rate)
-    elif name == "conv":
-        model = _keras_conv([(12, 3, 1), (24, 6, 2), (32, 6, 2)], rate)
-    else:
-        raise ValueError(f"--dropout is only wired for dense_decay and conv, not {name}")
+    model = KERAS_TWINS[name]()
     train = data.load(FLAGS.data_dir, "train")
     test = data.load(FLAGS.data_dir, "test")
     batch, epochs = defaults["batch_size"], defaults["epochs"]
@@ -77,15 +68,15 @@ def main(argv):
         accuracies = []
         for seed in (int(s) for s in FLAGS.seeds):
             started = time.monotonic()
-            accuracy = keras_run(name, seed, FLAGS.dropout)
+            accuracy = keras_run(name, seed)
             accuracies.append(accuracy)
             print(f"{name} keras twin, seed {seed}: test accuracy {100 * accuracy:.2f}% "
                   f"({time.monotonic() - started:.0f} s)", flush=True)
         rows.append((name, accuracies))
-    print("\n| model (Keras twin) | dropout | seeds | test accuracy per seed | median |\n| --- | --- | --- | --- | --- |")
+    print("\n| model (Keras twin) | seeds | test accuracy per seed | median |\n| --- | --- | --- | --- |")
     for name, accuracies in rows:
         per_seed = ", ".join(f"{100 * a:.2f}%" for a in accuracies)
-        print(f"| {name} | {FLAGS.dropout if FLAGS.dropout is not None else 'default'} | {','.join(FLAGS.seeds)} | "
+        print(f"| {name} | {','.join(FLAGS.seeds)} | "
               f"{per_seed} | {100 * statistics.median(accuracies):.2f}% |")
 
 
