@@ -32,9 +32,16 @@ def tiny_model():
                        Dropout(0.2, name="dropout"), Dense(10, name="logits")], name="tiny")
 
 
+def _written_order(path):
+    """events.out.tfevents.<seconds>.<host>.<pid>.<counter>.v2 -> (seconds, counter), compared as numbers: two
+    files opened within one second differ only by the counter, and "10" sorts before "2" as text."""
+    parts = os.path.basename(path).split(".")
+    return int(parts[3]), int(parts[-2])
+
+
 def events(directory):
-    """The Event protos of the event files directly in `directory`, file by file."""
-    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+    """The Event protos of the event files directly in `directory`, file by file in the order they were opened."""
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")), key=_written_order):
         for record in tf.data.TFRecordDataset(path):
             yield tf.compat.v1.Event.FromString(record.numpy())
 
