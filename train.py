@@ -592,7 +592,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                           f"--run_name={os.path.basename(chief_run_dir)} to resume", stop.exit_code)
     results = trainer.evaluate(data.evaluation_batches(test))
 
-    exported = [export_model(model, path) for path in export_dirs]
+    exported = [export_model(model, path, chief_run_dir) for path in export_dirs]
 
     epochs = history.epochs
     best = max(epochs, key=lambda e: e.get("val_accuracy", -1.0)) if epochs else None
@@ -658,13 +658,18 @@ def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, grad
                         gradients=gradients)]
 
 
-def export_model(model, export_dir):
-    """export.export_saved_model, with its failures as a one-line RunError."""
+def export_model(model, export_dir, run_dir):
+    """export.export_saved_model, with its failures as a one-line RunError that says how to export again."""
     from app import export
+    again = (f"the trained weights are in {os.path.join(run_dir, 'checkpoints')}: run the same command with "
+             f"--run_name={os.path.basename(run_dir)} to export without training again")
     try:
         return export.export_saved_model(model, export_dir)
     except (export.ExportError, OSError) as error:
-        raise RunError(f"export failed: {error}") from None
+        raise RunError(f"export failed: {error}; {again}") from None
+    except Exception as error:  # a failed trace of the serving functions: the run's work is safe all the same
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise RunError(f"export failed ({type(error).__name__}: {first_line}); {again}") from None
 
 
 def report(metrics, config, out=print):

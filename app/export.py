@@ -77,7 +77,12 @@ def _checked_pixels(x):
 
 
 class ServingModule(tf.Module):
-    """Holds the trained, built `model` (so its variables are saved), its image shape and the serving functions."""
+    """Holds the trained, built `model` (so its variables are saved), its image shape and the serving functions.
+
+    The serving functions are pure data flow (no Python `if` or `for` on tensors), so they are traced with
+    autograph=False: AutoGraph would read the functions' source files again at export, the end of a long run, and
+    a file edited since the run started would be converted from the wrong lines.
+    """
 
     def __init__(self, model, layers_file=None, name="serving"):
         super().__init__(name=name)
@@ -93,12 +98,12 @@ class ServingModule(tf.Module):
         return {"probabilities": activations.softmax(logits),
                 "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
 
-    @tf.function(input_signature=[tf.TensorSpec(shape=None, dtype=tf.float32, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec(shape=None, dtype=tf.float32, name="image")], autograph=False)
     def serve_float(self, image):
         """serving_default: image float32 [N, H, W, C] (or [N, H, W] if C = 1), pixels in [0, 1]."""
         return self.classify(_checked_pixels(_as_images(image, self.shape)))
 
-    @tf.function(input_signature=[tf.TensorSpec(shape=None, dtype=tf.float32, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec(shape=None, dtype=tf.float32, name="image")], autograph=False)
     def serve_activations(self, image):
         """activations: serving_default's outputs plus `input` and every layer's output `activation_<i>`."""
         x = _checked_pixels(_as_images(image, self.shape))
@@ -110,7 +115,7 @@ class ServingModule(tf.Module):
             result[f"activation_{i}"] = y
         return result
 
-    @tf.function(input_signature=[tf.TensorSpec(shape=None, dtype=tf.uint8, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec(shape=None, dtype=tf.uint8, name="image")], autograph=False)
     def serve_uint8(self, image):
         """serving_uint8: image uint8 [N, H, W, C] (or [N, H, W] if C = 1), pixels 0..255; x = image / 255.
 

@@ -2,6 +2,7 @@
 the trainer reported; signatures, REST-style JSON, input checks, atomic writes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,38 @@ def test_activations_signature_returns_every_layer_as_the_model_computes_it(trai
         np.testing.assert_allclose(inside[layer["output"]].numpy(), y.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"pixels in \[0, 1\]"):
         loaded.signatures["activations"](image=tf.constant(x * 255.0))
+
+
+EDITED_DURING_THE_RUN = r"""
+import sys
+repo, export_dir = sys.argv[1:3]
+sys.path.insert(0, repo)
+import numpy as np
+import tensorflow as tf
+from app import export
+from core import layers
+
+model = layers.Sequential([layers.Conv2D(4, 3), layers.BatchNorm(), layers.Activation("relu"), layers.Flatten(),
+                           layers.Dropout(0.5), layers.Dense(10)])
+x = tf.random.stateless_uniform([3, 28, 28, 1], seed=[1, 2])
+expected = tf.nn.softmax(model(x, training=False)).numpy()
+for name in ("core/module.py", "core/layers.py", "app/export.py"):
+    with open(f"{repo}/{name}", encoding="utf-8") as f:
+        text = f.read()
+    with open(f"{repo}/{name}", "w", encoding="utf-8") as f:
+        f.write('\"\"\"Edited while the run trained.\"\"\"\nimport os\n\n' + text)
+loaded = tf.saved_model.load(export.export_saved_model(model, export_dir))
+print(np.abs(loaded.signatures["serving_default"](image=x)["probabilities"].numpy() - expected).max())
+"""
+
+
+def test_export_at_the_end_of_a_run_ignores_source_files_edited_during_it(tmp_path):
+    """A run imports the code at its start and exports at its end; a user editing the project in between (the next
+    experiment) must not change what is exported. AutoGraph would read the edited files at the export's trace."""
+    for package in ("core", "app"):
+        shutil.copytree(REPO / package, tmp_path / "repo" / package, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-c", EDITED_DURING_THE_RUN, str(tmp_path / "repo"),
+                             str(tmp_path / "model")], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) < 1e-6

@@ -240,3 +240,30 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_previous_checkpoin
     monkeypatch.undo()
     metrics = train_module.run(config, out=lambda line: None)  # the lock was released; the run resumes
     assert metrics["resumed"] and metrics["steps"] == 20
+
+
+def test_a_failed_export_is_one_line_and_the_same_command_exports_without_training_again(mnist_dir, tmp_path,
+                                                                                        monkeypatch):
+    import train as train_module
+    from app import export
+    from models import REGISTRY
+
+    config = train_module.make_config({"model": "softmax", "epochs": 1, "steps_per_epoch": 10, "log_every": 10,
+                                       "progress": False, "data_dir": mnist_dir, "logdir": str(tmp_path),
+                                       "run_name": "r"}, REGISTRY)
+
+    def failing_export(model, export_dir):
+        raise ValueError("as_list() is not defined on an unknown TensorShape.\n  (the trace's details)")
+
+    monkeypatch.setattr(export, "export_saved_model", failing_export)
+    with pytest.raises(train_module.RunError) as caught:
+        train_module.run(config, out=lambda line: None)
+    run_dir = tmp_path / "r"
+    assert str(caught.value) == ("export failed (ValueError: as_list() is not defined on an unknown TensorShape.); "
+                                 f"the trained weights are in {run_dir / 'checkpoints'}: run the same command with "
+                                 "--run_name=r to export without training again")
+    assert not (run_dir / "saved_model").exists()
+    monkeypatch.undo()
+    metrics = train_module.run(config, out=lambda line: None)
+    assert metrics["resumed"] and metrics["steps"] == 10
+    assert tf.saved_model.load(metrics["saved_model"][0]).signatures["serving_default"] is not None
