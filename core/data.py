@@ -18,7 +18,7 @@ import weakref
 
 import tensorflow as tf
 
-__all__ = ["in_memory", "training_batches", "evaluation_batches", "split_validation"]
+__all__ = ["in_memory", "training_batches", "GatheredBatches", "evaluation_batches", "split_validation"]
 
 READ_BATCH = 1000  # examples per batch when another Dataset is read into memory
 
@@ -71,21 +71,79 @@ def training_batches(dataset, batch_size, seed, epoch):
     works too (read once into memory, on its first epoch). Every batch has exactly `batch_size`
     examples, so a tf.function step traces once.
     """
+    images, labels = _checked_tensors(dataset, batch_size)
+
+    def gather(indices):
+        return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
+
+    batches = tf.data.Dataset.from_tensor_slices(_batch_indices(int(labels.shape[0]), batch_size, seed, epoch))
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+class GatheredBatches(tf.Module):
+    """The batches of training_batches, gathered inside the compiled training loop instead of by tf.data.
+
+        source = GatheredBatches(train, 128, seed)       # the examples stay tensors in memory
+        source.start(epoch, skip=0)                      # eagerly: the epoch's order, from (seed, epoch)
+        images, labels = next(source)                    # in a tf.function: the next batch
+
+    For data that fits in memory. The epoch's order is the same permutation, cut into the same rows, as
+    training_batches(dataset, batch_size, seed, epoch), and next() computes the same gather and the same
+    x = pixel / 255, so the batches are bit-identical and start(epoch, k) continues an epoch after k
+    batches. A compiled loop that calls next() n times reads n rows of the order and gathers n batches
+    without any element crossing from tf.data into the step (no iterator, no prefetch threads).
+    """
+
+    def __init__(self, dataset, batch_size, seed):
+        super().__init__(name="gathered_batches")
+        self.images, self.labels = _checked_tensors(dataset, batch_size)
+        self.size = int(self.labels.shape[0])
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps = self.size // batch_size
+        image_dtype = tf.float32 if self.images.dtype == tf.uint8 else self.images.dtype
+        self.element_spec = (tf.TensorSpec([batch_size] + self.images.shape[1:].as_list(), image_dtype),
+                             tf.TensorSpec([batch_size], self.labels.dtype))
+        self.order = tf.Variable(tf.zeros([self.steps, batch_size], tf.int32), trainable=False, name="order")
+        self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
+
+    def start(self, epoch, skip=0):
+        """Epoch `epoch`'s order (from the seed and the epoch only); the next batch is its batch `skip`."""
+        if not 0 <= skip <= self.steps:
+            raise ValueError(f"GatheredBatches: skip must be in 0..{self.steps}, got {skip}")
+        self.order.assign(_batch_indices(self.size, self.batch_size, self.seed, epoch))
+        self.position.assign(skip)
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """(images [B, ...] float, labels [B]) of the next row of the order; position += 1."""
+        indices = tf.gather(self.order, self.position)
+        self.position.assign_add(1)
+        return _as_float(tf.gather(self.images, indices)), tf.gather(self.labels, indices)
+
+
+def _checked_tensors(dataset, batch_size):
+    """_tensors(dataset), after checking that they fill at least one batch of batch_size."""
     if batch_size < 1:
         raise ValueError(f"training_batches: batch_size must be >= 1, got {batch_size}")
     images, labels = _tensors(dataset)
     size = int(labels.shape[0])
     if size < batch_size:
         raise ValueError(f"training_batches: {size} examples do not fill one batch of {batch_size}")
+    return images, labels
+
+
+def _batch_indices(size, batch_size, seed, epoch):
+    """int32 [size // B, B]: row i holds the example indices of batch i of epoch `epoch`.
+
+    order = a permutation of 0..size-1 drawn from the stateless seed (seed, epoch); the remainder is dropped.
+    """
     steps = size // batch_size
     order = tf.random.experimental.stateless_shuffle(tf.range(size), seed=tf.constant([seed, epoch], tf.int64))
-    batches = tf.reshape(order[:steps * batch_size], [steps, batch_size])
-
-    def gather(indices):
-        return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
-
-    batches = tf.data.Dataset.from_tensor_slices(batches)
-    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    return tf.reshape(order[:steps * batch_size], [steps, batch_size])
 
 
 def evaluation_batches(dataset, batch_size=1000):

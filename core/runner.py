@@ -146,14 +146,15 @@ class Runner(tf.Module):
         self.names = self._variable_names()
         self.built = True
 
-    def prepare(self, element_spec, mode="train"):
+    def prepare(self, element_spec, mode="train", source=None):
         """Builds from a dataset's element_spec, then traces `mode`'s function once for any batch size
-        (with several replicas the trace waits for the first call, which knows the distributed iterator)."""
+        (with `source`, a batch source such as data.GatheredBatches, once for that source; with several
+        replicas the trace waits for the first call, which knows the distributed iterator)."""
         specs = batch_specs(element_spec)
         self.build(specs[0].shape)
         if self.strategy.num_replicas_in_sync > 1:
             return None
-        iterator = tf.data.IteratorSpec(specs)
+        iterator = tf.data.IteratorSpec(specs) if source is None else source
         if mode == "train":
             return self.train.get_concrete_function(iterator, tf.TensorSpec([], tf.int32, name="num_steps"))
         return self.evaluate.get_concrete_function(iterator)

@@ -240,15 +240,21 @@ class Trainer:
         """Trains until `epochs` epochs are complete (counting epochs of a restored run) and returns the History.
 
         train_data: callable epoch (int, from 0) -> tf.data.Dataset of that epoch's (images, labels)
-          batches (exact resume needs the same batches for the same epoch), or one Dataset for every epoch.
+          batches (exact resume needs the same batches for the same epoch), one Dataset for every epoch, or
+          a batch source gathered inside the compiled loop (data.GatheredBatches: start(epoch, skip), steps).
         validation_data: a Dataset of batches evaluated after each epoch, or None.
         steps_per_epoch: stop each epoch after that many batches (None: the whole dataset).
         """
         _check_positive("epochs", epochs)
         _check_positive("steps_per_epoch", steps_per_epoch, none_ok=True)
+        source = train_data if hasattr(train_data, "start") else None
+        if source is not None and self.runner.strategy.num_replicas_in_sync > 1:
+            raise ValueError("a batch source gathered inside the loop feeds one replica; under a strategy with "
+                             "several, pass the epoch's tf.data batches (the strategy splits them)")
         epoch_data = train_data if callable(train_data) else (lambda epoch: train_data)
         runner = self.runner
-        self.concrete_steps["train"] = runner.prepare(self._dataset(epoch_data, 0).element_spec, "train")
+        spec = source.element_spec if source is not None else self._dataset(epoch_data, 0).element_spec
+        self.concrete_steps["train"] = runner.prepare(spec, "train", source=source)
         self._open_checkpoints()
         if validation_data is not None:
             self.concrete_steps["eval"] = runner.prepare(validation_data.element_spec, "eval")
@@ -258,20 +264,14 @@ class Trainer:
         step = int(self.optimizer.step.numpy())
         skip = int(runner.step_in_epoch.numpy())
         for epoch in range(int(runner.epoch.numpy()), epochs):
-            dataset = self._dataset(epoch_data, epoch)
-            if steps_per_epoch is not None:
-                dataset = dataset.take(steps_per_epoch)
-            total = self._length(dataset, steps_per_epoch)
-            if skip:
-                dataset = dataset.skip(skip)
-            else:
+            iterator, total = self._batches(source, epoch_data, epoch, steps_per_epoch, skip)
+            if not skip:
                 runner.train_loss.reset()
                 runner.train_accuracy.reset()
             started = time.monotonic()
             # A resumed epoch's bar counts the batches still to do, so its rate and ETA stay honest.
             bar = tqdm(total=total - skip, unit="step", disable=None if self.progress else True, leave=True,
                        desc=f"epoch {epoch + 1}/{epochs}" + (f" (resumed after step {skip})" if skip else ""))
-            iterator = iter(runner.distribute(dataset))
             step_in_epoch = skip
             skip = 0
             try:
@@ -324,6 +324,16 @@ class Trainer:
         runner.settle_moving_statistics()
         runner.evaluate(iter(runner.distribute(dataset, "eval")))
         return {"loss": float(runner.eval_loss.result()), "accuracy": float(runner.eval_accuracy.result())}
+
+    def _batches(self, source, epoch_data, epoch, steps_per_epoch, skip):
+        """(iterator over epoch `epoch`'s batches after the first `skip`, number of batches in the epoch)."""
+        if source is not None:
+            return source.start(epoch, skip), min(source.steps, steps_per_epoch or source.steps)
+        dataset = self._dataset(epoch_data, epoch)
+        if steps_per_epoch is not None:
+            dataset = dataset.take(steps_per_epoch)
+        total = self._length(dataset, steps_per_epoch)
+        return iter(self.runner.distribute(dataset.skip(skip) if skip else dataset)), total
 
     @staticmethod
     def _dataset(epoch_data, epoch):
