@@ -575,8 +575,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                       progress=config.progress, steps_per_loop=config.steps_per_loop, strategy=strategy)
     try:
         with stop:
-            history = trainer.fit(lambda epoch: data.training_batches(train, config.batch_size, config.seed,
-                                                                      epoch),
+            history = trainer.fit(data.GatheredBatches(train, config.batch_size, config.seed),
                                   config.epochs, validation_data=data.evaluation_batches(validation),
                                   steps_per_epoch=steps_per_epoch)
     except NonFiniteError as error:
