@@ -22,6 +22,7 @@ directory that cannot be used; 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTER
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -572,11 +573,15 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                       checkpoint_dir=os.path.join(chief_run_dir, "checkpoints"),
                       checkpoint_write_dir=os.path.join(run_dir, "checkpoints"),
                       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-                      progress=config.progress, steps_per_loop=config.steps_per_loop, strategy=strategy)
+                      progress=config.progress, steps_per_loop=config.steps_per_loop, strategy=strategy,
+                      precision=config.precision)
+    if strategy.num_replicas_in_sync == 1:  # the batches gathered inside the compiled loop: no input pipeline
+        batches = data.GatheredBatches(train, config.batch_size, config.seed)
+    else:  # the same batches from tf.data, which the strategy splits among the replicas
+        batches = functools.partial(data.training_batches, train, config.batch_size, config.seed)
     try:
         with stop:
-            history = trainer.fit(data.GatheredBatches(train, config.batch_size, config.seed),
-                                  config.epochs, validation_data=data.evaluation_batches(validation),
+            history = trainer.fit(batches, config.epochs, validation_data=data.evaluation_batches(validation),
                                   steps_per_epoch=steps_per_epoch)
     except NonFiniteError as error:
         raise RunError(f"{error}; try a smaller --learning_rate") from None

@@ -123,6 +123,10 @@ class TrainingConfig:
     keep_checkpoints: int = setting(3, "How many checkpoints to keep.", _positive_int)
     steps_per_loop: int = setting(50, "Most training steps per compiled call; log points, checkpoints and epoch "
                                   "ends cut a call short. Changes speed only, never the numbers.", _positive_int)
+    precision: str = setting("float32", "Arithmetic of the training step: float32, or mixed_bfloat16 / "
+                             "mixed_float16 (float32 weights and optimizer slots, the step in 16 bits; float16 "
+                             "with dynamic loss scaling). Fast only where the hardware has 16-bit units.",
+                             math=True, choices=("float32", "mixed_bfloat16", "mixed_float16"))
     progress: bool = setting(True, "Show a progress bar per epoch (on a terminal).")
 
     def __post_init__(self):

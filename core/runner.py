@@ -30,6 +30,7 @@ import tensorflow as tf
 from core import distribute
 from core.losses import softmax_cross_entropy
 from core.metrics import Accuracy, Mean
+from core.precision import LossScale, compute_dtype, mixed_gradients
 
 __all__ = ["Runner", "tape_gradients", "batch_specs"]
 
@@ -96,18 +97,27 @@ class Runner(tf.Module):
         default `tape_gradients`.
       strategy: a tf.distribute strategy (default: none, one replica). The model and the optimizer must
         have been constructed under its scope; the runner creates its own variables there.
+      precision: "float32", or "mixed_bfloat16" / "mixed_float16": float32 weights and optimizer slots, the
+        training step computed in 16 bits (core/precision.py); float16 also scales the loss (`loss_scale`).
     """
 
     def __init__(self, model, optimizer, loss_fn=softmax_cross_entropy, compute_gradients=tape_gradients,
-                 strategy=None):
+                 strategy=None, precision="float32"):
         super().__init__(name="runner")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.compute_gradients = compute_gradients
+        self.precision = precision
+        dtype = compute_dtype(precision)
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
             self._create_variables()
+            self.loss_scale = LossScale() if dtype == tf.float16 else None
+        if dtype != tf.float32:
+            if compute_gradients is not tape_gradients:
+                raise ValueError(f"precision {precision} computes its own gradients: pass no compute_gradients")
+            compute_gradients = mixed_gradients(dtype, self.loss_scale)
+        self.compute_gradients = compute_gradients
         self.train = tf.function(self._train)
         self.evaluate = tf.function(self._evaluate)
         self.built = False
@@ -198,7 +208,8 @@ class Runner(tf.Module):
             L, logits, g = compute_gradients(model, loss_fn, x, labels, w)    on this replica's slice
             L, g   <- all_reduce_gradients(L, g)          sum_r L_r / k, sum_r g_r / k: the global batch's
             w      <- optimizer.apply(g, w)               only if L and every g are finite and no earlier
-                                                          step recorded a non-finite value
+                                                          step recorded a non-finite value (float16 loss
+                                                          scaling: else skip the update, halve the scale)
             metrics += (L, accuracy(labels, logits))      weighted by N
             record (step, lr, which tensor) if L, a g, or a variable after the update is not finite
 
@@ -232,6 +243,12 @@ class Runner(tf.Module):
 
         state = distribute.on_every_replica(
             tf.cond(applied, update, lambda: tf.ones([len(self.guarded)], tf.bool)))
+        if self.loss_scale is not None:
+            # float16: overflowing gradients skip the update (the step still counts) and halve the loss scale.
+            overflow = tf.logical_and(healthy, tf.logical_not(tf.reduce_all(finite)))
+            self.loss_scale.update(tf.reduce_all(finite))
+            self.optimizer.step.assign_add(tf.cast(overflow, self.optimizer.step.dtype))
+            finite = tf.ones_like(finite)
 
         def record_bad():
             index = tf.cond(tf.reduce_all(finite), lambda: len(checked) + _first_false(state),

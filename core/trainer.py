@@ -127,6 +127,7 @@ class Trainer:
         checkpoints are written to `checkpoint_write_dir` (they must still be written: the save reads
         every replica) while restores read `checkpoint_dir`, the chief's.
       checkpoint_write_dir: where this process writes checkpoints (default: checkpoint_dir).
+      precision: float32, mixed_bfloat16 or mixed_float16 (core/precision.py).
     Defaults come from core.config.TrainingConfig.
     """
 
@@ -134,14 +135,14 @@ class Trainer:
                  log_every=TrainingConfig.log_every, checkpoint_dir=None, checkpoint_every=None,
                  keep_checkpoints=TrainingConfig.keep_checkpoints, progress=TrainingConfig.progress,
                  steps_per_loop=TrainingConfig.steps_per_loop, compute_gradients=tape_gradients, strategy=None,
-                 checkpoint_write_dir=None):
+                 checkpoint_write_dir=None, precision=TrainingConfig.precision):
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, none_ok=True)
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         _check_positive("keep_checkpoints", keep_checkpoints)
         _check_positive("steps_per_loop", steps_per_loop)
-        self.runner = Runner(model, optimizer, loss_fn, compute_gradients, strategy)
+        self.runner = Runner(model, optimizer, loss_fn, compute_gradients, strategy, precision)
         self.model = model
         self.optimizer = optimizer
         self.callbacks = list(callbacks)
@@ -186,13 +187,14 @@ class Trainer:
         if self.checkpoint_dir is None or self.checkpointer is not None:
             return
         runner = self.runner
+        extra = {} if runner.loss_scale is None else {"loss_scale": runner.loss_scale}
         self.checkpointer = Checkpointer(
             self.checkpoint_dir, keep=self.keep_checkpoints, write_directory=self.checkpoint_write_dir,
             model=self.model, optimizer=self.optimizer,
             epoch=runner.epoch, step_in_epoch=runner.step_in_epoch, learning_rate=runner.learning_rate,
             metrics=tf.train.Checkpoint(train_loss=runner.train_loss, train_accuracy=runner.train_accuracy,
                                         window_loss=runner.window_loss, window_accuracy=runner.window_accuracy),
-            history=self._history_text)
+            history=self._history_text, **extra)
         self.restored_from = self.checkpointer.restore()
         if self.restored_from:
             self.history = History.from_json(self._history_text.numpy().decode("utf-8"))
