@@ -1,0 +1,147 @@
+"""Benchmark (not a test): what each speed lever gives our training step, one lever at a time.
+
+    python benchmarks/bench_levers.py                                   # every lever, softmax, dense5, conv, conv_bn
+    python benchmarks/bench_levers.py --models=softmax --levers=input,guard --steps=300
+
+Each lever compares a variant with the baseline (Runner.train fed by data.training_batches, 50 steps per
+call, the full NaN guard, float64 metrics updated every step, no XLA) on the same model in the same process:
+rounds alternate baseline and variant, the best round of each counts (the machine may be shared).
+    input      batches gathered inside the compiled loop (data.GatheredBatches) instead of tf.data
+    loop1      one step per call instead of 50
+    guard      no NaN guard at all (what the guard costs)
+    metrics    no metric updates in the step (what the per-step float64 metrics cost)
+    xla        jit_compile=True on the step (fed by GatheredBatches: tf.data ops do not compile)
+Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
+--inter_op=N --intra_op=M and compare its baseline column. The figures go into RESULTS.md.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import results  # noqa: E402
+
+LEVERS = ("input", "loop1", "guard", "metrics", "xla")
+flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
+flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS)}.")
+flags.DEFINE_integer("steps", 200, "Steps per timed round.")
+flags.DEFINE_integer("rounds", 3, "Timed rounds per side; the best counts.")
+flags.DEFINE_integer("inter_op", 0, "tf.config.threading inter_op_parallelism_threads (0: TensorFlow's choice).")
+flags.DEFINE_integer("intra_op", 0, "tf.config.threading intra_op_parallelism_threads (0: TensorFlow's choice).")
+flags.DEFINE_string("data_dir", str(ROOT.parent / "shared" / "mnist"), "Directory of the four MNIST files.")
+FLAGS = flags.FLAGS
+LOOP = 50
+
+
+def make_runner(tf, name, lever):
+    from core import optimizers
+    from core.runner import Runner
+    from models import REGISTRY
+
+    defaults = REGISTRY[name].defaults
+    tf.random.set_seed(1)
+    optimizer = {"adam": optimizers.Adam, "sgd": optimizers.SGD}[defaults["optimizer"]](defaults["learning_rate"])
+    runner = Runner(REGISTRY[name].build(defaults["dropout"]), optimizer)
+    if lever == "guard":
+        runner.train_step = lambda batch: _unguarded(runner, batch)
+    if lever == "metrics":
+        for metric in (runner.train_loss, runner.train_accuracy, runner.window_loss, runner.window_accuracy):
+            metric.update = lambda *args, **kwargs: None
+    if lever == "xla":
+        step = tf.function(runner.train_step, jit_compile=True)
+        runner.train_step = step
+    return runner
+
+
+def _unguarded(runner, batch):
+    """The step without any finiteness check: gradients applied as they are."""
+    import tensorflow as tf
+    images, labels = batch
+    loss, logits, gradients = runner.compute_gradients(runner.model, runner.loss_fn, images, labels,
+                                                       runner.trainable)
+    runner.optimizer.apply(gradients, runner.trainable)
+    count = tf.cast(tf.shape(labels)[0], tf.float32)
+    for mean_loss, accuracy in ((runner.train_loss, runner.train_accuracy),
+                                (runner.window_loss, runner.window_accuracy)):
+        mean_loss.update(loss, weight=count)
+        accuracy.update(labels, logits)
+    return tf.constant(True)
+
+
+class Side:
+    """A runner and its batches: run(steps) trains `steps` steps in calls of `loop`."""
+
+    def __init__(self, tf, data, train, name, lever):
+        from models import REGISTRY
+
+        self.tf = tf
+        batch = REGISTRY[name].defaults["batch_size"]
+        self.runner = make_runner(tf, name, lever)
+        self.loop = 1 if lever == "loop1" else LOOP
+        if lever in ("input", "xla"):
+            self.source = data.GatheredBatches(train, batch, seed=1)
+            self.runner.prepare(self.source.element_spec, source=self.source)
+            self.batches = lambda epoch: self.source.start(epoch)
+        else:
+            self.batches = lambda epoch: iter(data.training_batches(train, batch, 1, epoch))
+            self.runner.prepare(data.training_batches(train, batch, 1, 0).element_spec)
+        self.steps_per_epoch = int(train.cardinality()) // batch
+        self.epoch = 0
+        self.iterator = self.batches(0)
+        self.done = 0
+
+    def run(self, steps):
+        started = time.perf_counter()
+        length = self.tf.constant(self.loop, self.tf.int32)
+        for _ in range(steps // self.loop):
+            if self.done + self.loop > self.steps_per_epoch:
+                self.epoch += 1
+                self.iterator = self.batches(self.epoch)
+                self.done = 0
+            self.runner.train(self.iterator, length)
+            self.done += self.loop
+        self.runner.learning_rate.numpy()
+        return 1000 * (time.perf_counter() - started) / (steps // self.loop * self.loop)
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+    if FLAGS.inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op)
+    if FLAGS.intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op)
+    from core import data
+
+    train = data.load(data.prepare(FLAGS.data_dir, download=False, progress=False), "train")
+    table = ["| model | lever | baseline ms/step | with the lever | change |", "| --- | --- | --- | --- | --- |"]
+    for name in FLAGS.models:
+        baseline = Side(tf, data, train, name, None)
+        baseline.run(LOOP)
+        for lever in FLAGS.levers:
+            variant = Side(tf, data, train, name, lever)
+            variant.run(LOOP)
+            times = {"baseline": [], "variant": []}
+            for index in range(FLAGS.rounds):
+                order = ((baseline, "baseline"), (variant, "variant"))
+                for side, key in (order if index % 2 == 0 else order[::-1]):
+                    times[key].append(side.run(FLAGS.steps))
+            base, mine = min(times["baseline"]), min(times["variant"])
+            table.append(f"| {name} | {lever} | {base:.2f} | {mine:.2f} | {100 * (mine - base) / base:+.1f}% |")
+            print(table[-1], flush=True)
+    threads = f"inter_op {FLAGS.inter_op or 'default'}, intra_op {FLAGS.intra_op or 'default'}"
+    body = (f"Baseline: Runner.train fed by data.training_batches, {LOOP} steps per call, full NaN guard, float64 "
+            f"metrics, no XLA; {threads}; {FLAGS.rounds} alternated rounds of {FLAGS.steps} steps, best of each; "
+            f"load average {os.getloadavg()[0]:.1f} at the end.\n\n" + "\n".join(table))
+    print("\n" + body)
+    results.record("What each speed lever gives our training step", body)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,403 @@
+"""Benchmark (not a test): our training step against Keras `model.fit` on the same model, batches and machine.
+
+    python benchmarks/bench_vs_keras.py                        # the table, input path, epoch ends, matmul peak
+    python benchmarks/bench_vs_keras.py --time_to_accuracy     # also wall time to 99.0% (conv), 99.4% (conv_bn)
+    python benchmarks/bench_vs_keras.py --cases=conv --steps=100 --rounds=2     # a quick look
+
+Step time: each case builds our model (trained by core.trainer.Trainer.fit, as train.py does, with the
+default --steps_per_loop) and its Keras twin (tests/keras_twins.py, compiled with Keras's defaults: no XLA
+on a CPU, one step per call). Both first run one untimed round (tracing, warm-up); then `--rounds` rounds
+alternate ours and Keras, each a whole fit() of `--steps` steps on the same batches (training_batches of
+that round's epoch), and the best round of each counts: on a shared machine the best round is the least
+disturbed one. ms/step is the round's wall time / steps, so each fit()'s fixed cost (a new iterator,
+callbacks) is included on both sides.
+
+Ours reads its batches as train.py does (data.GatheredBatches: gathered inside the compiled loop), Keras the
+same batches from data.training_batches (tf.data). Input path: our step time fed by the real pipeline against
+fed the same batch every step (no input work at all); the gap is what the input costs a step (target <= 5%);
+the tf.data column is our step fed by training_batches instead. Epoch end: evaluation of the 10,000 test images, TensorBoard
+(scalars, histograms, images) and one checkpoint, against an epoch of the model's default steps at the
+measured step time (target <= 10%). Peak: the best GFLOP/s of a large tf.matmul in float32 and bfloat16;
+each model's share is its training FLOPs per second (3 x the forward pass's multiply-adds x 2) over it.
+The figures go into this command's section of benchmarks/RESULTS.md.
+"""
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import results  # noqa: E402
+
+# (label, model, batch size, our precision, Keras's dtype policy)
+CASES = {
+    "softmax": ("softmax, 100", "softmax", 100, "float32", "float32"),
+    "dense5": ("dense5, 100", "dense5", 100, "float32", "float32"),
+    "conv": ("conv, 128", "conv", 128, "float32", "float32"),
+    "conv_bn": ("conv_bn, 64 (float32)", "conv_bn", 64, "float32", "float32"),
+    "conv_bn_mixed": ("conv_bn, 64, ours mixed_bfloat16 vs Keras float32", "conv_bn", 64, "mixed_bfloat16",
+                      "float32"),
+    "conv_bn_mixed_keras": ("conv_bn, 64, ours mixed_bfloat16 vs Keras mixed_bfloat16", "conv_bn", 64,
+                            "mixed_bfloat16", "mixed_bfloat16"),
+}
+TARGETS = {"softmax": 0.5, "dense5": 0.5, "conv": 0.85, "conv_bn": 0.85, "conv_bn_mixed": 0.6,
+           "conv_bn_mixed_keras": 0.85}
+ACCURACY_TARGETS = {"conv": 0.990, "conv_bn": 0.994}
+BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+flags.DEFINE_list("cases", list(CASES), f"Cases of the table: {', '.join(CASES)}.")
+flags.DEFINE_integer("steps", 200, "Steps per timed round.")
+flags.DEFINE_integer("rounds", 3, "Timed rounds per side (alternated); the best counts.")
+flags.DEFINE_integer("steps_per_loop", None, "Our steps per compiled call (default: the trainer's).")
+flags.DEFINE_bool("extras", True, "Also measure the input path, the epoch-end work and the matmul peak.")
+flags.DEFINE_bool("time_to_accuracy", False, "Also train conv and conv_bn (ours and Keras, same settings) "
+                  "until their test accuracy target; long.")
+flags.DEFINE_integer("seed", 1, "Seed of the weights and the batch order.")
+flags.DEFINE_string("data_dir", str(ROOT.parent / "shared" / "mnist"), "Directory of the four MNIST files.")
+FLAGS = flags.FLAGS
+
+
+# ------------------------------------------------------------------------------------------ the machine
+
+def cpu_flags():
+    """(model name, {flag: present}) for the flags that decide bfloat16 speed."""
+    name, present = "unknown CPU", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, {flag: False for flag in BF16_FLAGS}
+    for line in text.splitlines():
+        if line.startswith("model name") and name == "unknown CPU":
+            name = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            break
+    return name, {flag: flag in present for flag in BF16_FLAGS}
+
+
+def matmul_peak(tf, dtype, n=1024, rounds=5, repeats=5):
+    """Best GFLOP/s of an n x n x n tf.matmul in `dtype` (2 n^3 flops per product)."""
+    a = tf.cast(tf.random.stateless_normal([n, n], seed=[1, 2]), dtype)
+    b = tf.cast(tf.random.stateless_normal([n, n], seed=[3, 4]), dtype)
+    product = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[0, :1], tf.float32)))
+    product(a, b).numpy()
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            out = product(a, b)
+        out.numpy()
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return 2 * n ** 3 / best / 1e9
+
+
+def training_flops(model, tf):
+    """Flops of one example's training step: 3 x the forward pass (forward, input and weight gradients),
+    counting each multiply-add as 2 flops, in the layers holding a matrix or a kernel."""
+    outputs = dict(model.activations(tf.zeros([1, 28, 28, 1]), training=False))
+    forward = 0
+    for name, layer in zip(model.layer_names, model.layers):
+        w = getattr(layer, "w", None)
+        if w is None:
+            continue
+        size = 2 * int(tf.size(w))
+        if w.shape.rank == 4:  # a convolution: one kernel product per output position
+            height, width = outputs[name].shape[1:3]
+            size *= height * width
+        forward += size
+    return 3 * forward
+
+
+# ------------------------------------------------------------------------------------------ the sides
+
+def settings(name):
+    """The model's codelab defaults (batch size, optimizer, learning rate, dropout, ...)."""
+    from models import REGISTRY
+    return REGISTRY[name].defaults
+
+
+class OneBatch:
+    """A batch source (like data.GatheredBatches) that gives the same batch every step: no input work at all."""
+
+    def __init__(self, images, labels, steps):
+        self.images, self.labels, self.steps = images, labels, steps
+        self.element_spec = tuple(tf_spec(t) for t in (images, labels))
+
+    def start(self, epoch, skip=0):
+        return self
+
+    def __next__(self):
+        return self.images, self.labels
+
+
+def tf_spec(tensor):
+    import tensorflow as tf
+    return tf.TensorSpec(tensor.shape, tensor.dtype)
+
+
+class Ours:
+    """Our model, optimizer and Trainer, as train.py makes them; fit(batches) trains one more epoch of
+    `batches` (a batch source such as data.GatheredBatches, or a tf.data.Dataset)."""
+
+    def __init__(self, tf, name, precision, seed):
+        from core import optimizers
+        from core.trainer import Trainer
+        from models import REGISTRY
+
+        defaults = settings(name)
+        tf.random.set_seed(seed)
+        self.model = REGISTRY[name].build(defaults["dropout"])
+        optimizer = {"adam": optimizers.Adam, "sgd": optimizers.SGD}[defaults["optimizer"]](
+            defaults["learning_rate"])
+        options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
+        if precision != "float32":
+            options["precision"] = precision
+        self.trainer = Trainer(self.model, optimizer, progress=False, **options)
+        self.epochs = 0
+
+    def fit(self, batches, steps=None):
+        self.epochs += 1
+        self.trainer.fit(batches if hasattr(batches, "start") else (lambda epoch: batches), self.epochs,
+                         steps_per_epoch=steps)
+        self.trainer.runner.learning_rate.numpy()  # the last call has finished
+
+
+class Theirs:
+    """The Keras twin compiled with Keras's defaults; fit() trains on the given batches."""
+
+    def __init__(self, name, policy, seed):
+        import keras
+        from keras_twins import KERAS_TWINS
+
+        defaults = settings(name)
+        keras.utils.set_random_seed(seed)
+        keras.mixed_precision.set_dtype_policy(policy)
+        try:
+            self.model = KERAS_TWINS[name]()
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        optimizer = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[defaults["optimizer"]](
+            defaults["learning_rate"])
+        self.model.compile(optimizer=optimizer, metrics=["accuracy"],
+                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def fit(self, batches):
+        self.model.fit(batches, epochs=1, verbose=0, shuffle=False)
+        int(self.model.optimizer.iterations.numpy())
+
+
+def timed(side, *batches):
+    started = time.perf_counter()
+    side.fit(*batches)
+    return time.perf_counter() - started
+
+
+def step_times(tf, data, train, case, seed, steps, rounds):
+    """{"ours": [ms/step per round], "keras": [...]} alternated rounds after one untimed round each. Ours reads
+    data.GatheredBatches (as train.py does), Keras the same batches from data.training_batches."""
+    _, name, batch, precision, policy = case
+    ours, theirs = Ours(tf, name, precision, seed), Theirs(name, policy, seed)
+    source = data.GatheredBatches(train, batch, seed)
+    times = {"ours": [], "keras": []}
+    for index in range(rounds + 1):  # round `index` is epoch `index` of both
+        sides = {"ours": (ours, source, steps), "keras": (theirs, data.training_batches(train, batch, seed, index)
+                                                          .take(steps))}
+        for key in ("ours", "keras") if index % 2 else ("keras", "ours"):
+            side, *batches = sides[key]
+            seconds = timed(side, *batches)
+            if index:
+                times[key].append(1000 * seconds / steps)
+    return times, ours, source
+
+
+def input_cost(tf, data, train, ours, source, batch, seed, steps, rounds):
+    """ms/step of our step fed by {"gathered": data.GatheredBatches, "tf.data": data.training_batches,
+    "one batch": the same batch every step}, best of alternated rounds."""
+    still = OneBatch(*next(iter(data.training_batches(train, batch, seed, 0))), steps)
+    times = {"gathered": [], "tf.data": [], "one batch": []}
+    for _ in range(rounds):
+        epoch = ours.epochs  # the epoch the next fit() trains
+        feeds = {"gathered": (source, steps), "one batch": (still, steps),
+                 "tf.data": (data.training_batches(train, batch, seed, epoch).take(steps),)}
+        for key, feed in feeds.items():
+            times[key].append(1000 * timed(ours, *feed) / steps)
+    return {key: min(values) for key, values in times.items()}
+
+
+def epoch_end_seconds(tf, data, name, ours, test, rounds):
+    """{"evaluation", "tensorboard", "checkpoint"}: seconds of each part of an epoch's end at train.py's
+    defaults (evaluation of `test`, TensorBoard scalars, histograms and images, one checkpoint), best of rounds."""
+    from app.summaries import TensorBoard
+    from core.checkpoint import Checkpointer
+
+    trainer = ours.trainer
+    images, labels = next(iter(test.batch(1000)))
+    best = {"evaluation": float("inf"), "tensorboard": float("inf"), "checkpoint": float("inf")}
+    with tempfile.TemporaryDirectory() as logdir:
+        board = TensorBoard(logdir, images, labels, hparams={"model": name})
+        board.on_train_begin(trainer)
+        checkpointer = Checkpointer(os.path.join(logdir, "checkpoints"), keep=3, model=ours.model,
+                                    optimizer=trainer.optimizer)
+        step = int(trainer.optimizer.step.numpy())
+        for index in range(rounds + 1):
+            started = time.perf_counter()
+            figures = trainer.evaluate(data.evaluation_batches(test))
+            evaluated = time.perf_counter()
+            board.on_epoch_end(index + 1, step + index, {"loss": 0.1, "accuracy": 0.9, "learning_rate": 0.01,
+                                                         "val_loss": figures["loss"],
+                                                         "val_accuracy": figures["accuracy"]})
+            written = time.perf_counter()
+            checkpointer.save()
+            saved = time.perf_counter()
+            if index:
+                for key, seconds in (("evaluation", evaluated - started), ("tensorboard", written - evaluated),
+                                     ("checkpoint", saved - written)):
+                    best[key] = min(best[key], seconds)
+        board.on_train_end(trainer, trainer.history)
+    return best
+
+
+# ------------------------------------------------------------------------------------ time to accuracy
+
+def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
+    """{"ours": (seconds, epochs), "keras": (...)}: wall time of training plus one test evaluation per epoch
+    until the test accuracy reaches ACCURACY_TARGETS[name], with the model's defaults (learning-rate decay
+    included); (None, epochs) if it did not within max_epochs."""
+    import keras
+
+    from core.trainer import Callback
+    from train import learning_rate_schedule, make_optimizer
+    from core.config import TrainingConfig
+    from models import REGISTRY
+
+    defaults = settings(name)
+    target = ACCURACY_TARGETS[name]
+    batch = defaults["batch_size"]
+    steps = int(train.cardinality()) // batch
+    config = TrainingConfig(**{key: value for key, value in defaults.items() if value is not None})
+    out = {}
+
+    class Stop(Callback):
+        def on_epoch_end(self, epoch, step, logs):
+            if logs["val_accuracy"] >= target:
+                trainer.stop_training = True
+
+    from core.trainer import Trainer
+    tf.random.set_seed(seed)
+    model = REGISTRY[name].build(defaults["dropout"])
+    trainer = Trainer(model, make_optimizer(config, learning_rate_schedule(config, steps)), callbacks=[Stop()],
+                      progress=False)
+    started = time.perf_counter()
+    history = trainer.fit(lambda epoch: data.training_batches(train, batch, seed, epoch), max_epochs,
+                          validation_data=data.evaluation_batches(test))
+    reached = history.epochs[-1]["val_accuracy"] >= target
+    out["ours"] = (time.perf_counter() - started if reached else None, len(history.epochs))
+
+    keras.utils.set_random_seed(seed)
+    from keras_twins import KERAS_TWINS
+    twin = KERAS_TWINS[name]()
+    rate = learning_rate_schedule(config, steps)
+
+    class KerasRate(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return rate(step)
+
+    twin.compile(optimizer=keras.optimizers.Adam(KerasRate()) if defaults["optimizer"] == "adam"
+                 else keras.optimizers.SGD(KerasRate()),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    started = time.perf_counter()
+    out["keras"] = (None, max_epochs)
+    for epoch in range(max_epochs):
+        twin.fit(data.training_batches(train, batch, seed, epoch), epochs=1, verbose=0, shuffle=False)
+        _, accuracy = twin.evaluate(data.evaluation_batches(test), verbose=0)
+        if accuracy >= target:
+            out["keras"] = (time.perf_counter() - started, epoch + 1)
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+    from absl import logging
+    from core import data
+
+    logging.set_verbosity(logging.WARNING)
+    unknown = [case for case in FLAGS.cases if case not in CASES]
+    if unknown:
+        raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    tf.config.experimental.enable_op_determinism()
+    data_dir = data.prepare(FLAGS.data_dir, download=False, progress=False)
+    train, test = data.load(data_dir, "train"), data.load(data_dir, "test")
+    cpu, bf16 = cpu_flags()
+    load_before = os.getloadavg()[0]
+    lines = [f"CPU: {cpu}; flags: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in bf16.items())
+             + f"; TensorFlow {tf.__version__}; load average {load_before:.1f} at the start"]
+    print(lines[0], flush=True)
+
+    peaks = {}
+    if FLAGS.extras:
+        peaks = {dtype: matmul_peak(tf, getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
+        lines.append(f"matmul peak (1024x1024x1024, best of 5): float32 {peaks['float32']:.1f} GFLOP/s, "
+                     f"bfloat16 {peaks['bfloat16']:.1f} GFLOP/s (bfloat16 / float32 = "
+                     f"{peaks['bfloat16'] / peaks['float32']:.2f})")
+        print(lines[-1], flush=True)
+
+    table = ["| model, batch | ours ms/step | Keras ms/step | ours / Keras | target | rounds ours | rounds Keras |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    extras = ["| model, batch | ms/step: gathered in the loop | tf.data | one cached batch | input cost | "
+              "epoch end s (evaluation, TensorBoard, checkpoint) | epoch s | epoch end share | share of matmul peak |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in FLAGS.cases:
+        case = CASES[key]
+        label, name, batch, precision, _ = case
+        times, ours, source = step_times(tf, data, train, case, FLAGS.seed, FLAGS.steps, FLAGS.rounds)
+        mine, theirs = min(times["ours"]), min(times["keras"])
+        table.append(f"| {label} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} | <= {TARGETS[key]} | "
+                     f"{', '.join(f'{t:.2f}' for t in times['ours'])} | "
+                     f"{', '.join(f'{t:.2f}' for t in times['keras'])} |")
+        print(table[-1], flush=True)
+        if FLAGS.extras and key in ("softmax", "dense5", "conv", "conv_bn", "conv_bn_mixed"):
+            feeds = input_cost(tf, data, train, ours, source, batch, FLAGS.seed, FLAGS.steps, FLAGS.rounds)
+            real, still = feeds["gathered"], feeds["one batch"]
+            parts = epoch_end_seconds(tf, data, name, ours, test, FLAGS.rounds)
+            end = sum(parts.values())
+            epoch = (settings(name)["steps_per_epoch"] or int(train.cardinality()) // batch) * real / 1000
+            peak = peaks["bfloat16" if precision != "float32" else "float32"]
+            share = training_flops(ours.model, tf) * batch / (real / 1000) / 1e9 / peak
+            extras.append(f"| {label} | {real:.2f} | {feeds['tf.data']:.2f} | {still:.2f} | "
+                          f"{100 * (real - still) / still:+.1f}% | "
+                          f"{end:.2f} ({', '.join(f'{parts[k]:.2f}' for k in parts)}) | {epoch:.1f} | "
+                          f"{100 * end / (end + epoch):.1f}% | {100 * share:.1f}% |")
+            print(extras[-1], flush=True)
+
+    body = ["\n".join(lines), "\n".join(table)]
+    if FLAGS.extras:
+        body.append("\n".join(extras))
+    if FLAGS.time_to_accuracy:
+        rows = ["| model | target | ours: seconds (epochs) | Keras: seconds (epochs) |", "| --- | --- | --- | --- |"]
+        for name in ACCURACY_TARGETS:
+            out = time_to_accuracy(tf, data, train, test, name, FLAGS.seed)
+            cells = [f"{s:.0f} s ({e})" if s is not None else f"not reached in {e} epochs"
+                     for s, e in (out["ours"], out["keras"])]
+            rows.append(f"| {name} | {100 * ACCURACY_TARGETS[name]:.1f}% | {cells[0]} | {cells[1]} |")
+            print(rows[-1], flush=True)
+        body.append("\n".join(rows))
+    body.append(f"Load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+                f"{FLAGS.rounds} alternated rounds of {FLAGS.steps} steps per side, the best counts.")
+    print("\n" + "\n\n".join(body[1:]))
+    results.record("Ours against Keras model.fit, same model, batches and machine", "\n\n".join(body))
+
+
+if __name__ == "__main__":
+    app.run(main)
