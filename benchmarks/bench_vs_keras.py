@@ -273,16 +273,28 @@ def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
     included); (None, epochs) if it did not within max_epochs."""
     import keras
 
-    from core.trainer import Callback
-    from train import learning_rate_schedule, make_optimizer
+    from core import optimizers, schedules
     from core.config import TrainingConfig
+    from core.trainer import Callback, Trainer
     from models import REGISTRY
 
     defaults = settings(name)
     target = ACCURACY_TARGETS[name]
     batch = defaults["batch_size"]
     steps = int(train.cardinality()) // batch
-    config = TrainingConfig(**{key: value for key, value in defaults.items() if value is not None})
+    config = TrainingConfig(**REGISTRY[name].settings)
+
+    def learning_rate_schedule():
+        """train.py's rule: lr_min + learning_rate * lr_decay ^ (step / k), k one epoch (floored) or K steps."""
+        if config.lr_decay is None:
+            return schedules.Constant(config.learning_rate)
+        period, staircase = (steps, True) if config.lr_decay_steps == "epoch" else (config.lr_decay_steps, False)
+        return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, period, staircase=staircase,
+                                          minimum=config.lr_min)
+
+    def make_optimizer(schedule):
+        return {"adam": optimizers.Adam, "sgd": optimizers.SGD}[config.optimizer](schedule)
+
     out = {}
 
     class Stop(Callback):
@@ -290,13 +302,11 @@ def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
             if logs["val_accuracy"] >= target:
                 trainer.stop_training = True
 
-    from core.trainer import Trainer
     tf.random.set_seed(seed)
     model = REGISTRY[name].build(defaults["dropout"])
-    trainer = Trainer(model, make_optimizer(config, learning_rate_schedule(config, steps)), callbacks=[Stop()],
-                      progress=False)
+    trainer = Trainer(model, make_optimizer(learning_rate_schedule()), callbacks=[Stop()], progress=False)
     started = time.perf_counter()
-    history = trainer.fit(lambda epoch: data.training_batches(train, batch, seed, epoch), max_epochs,
+    history = trainer.fit(data.GatheredBatches(train, batch, seed), max_epochs,
                           validation_data=data.evaluation_batches(test))
     reached = history.epochs[-1]["val_accuracy"] >= target
     out["ours"] = (time.perf_counter() - started if reached else None, len(history.epochs))
@@ -304,13 +314,13 @@ def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
     keras.utils.set_random_seed(seed)
     from keras_twins import KERAS_TWINS
     twin = KERAS_TWINS[name]()
-    rate = learning_rate_schedule(config, steps)
+    rate = learning_rate_schedule()
 
     class KerasRate(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
             return rate(step)
 
-    twin.compile(optimizer=keras.optimizers.Adam(KerasRate()) if defaults["optimizer"] == "adam"
+    twin.compile(optimizer=keras.optimizers.Adam(KerasRate()) if config.optimizer == "adam"
                  else keras.optimizers.SGD(KerasRate()),
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     started = time.perf_counter()
