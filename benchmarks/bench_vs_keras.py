@@ -7,10 +7,10 @@
 Step time: each case builds our model (trained by core.trainer.Trainer.fit, as train.py does, with the
 default --steps_per_loop) and its Keras twin (tests/keras_twins.py, compiled with Keras's defaults: no XLA
 on a CPU, one step per call). Both first run one untimed round (tracing, warm-up); then `--rounds` rounds
-alternate ours and Keras, each a whole fit() of `--steps` steps on the same batches (training_batches of
-that round's epoch), and the best round of each counts: on a shared machine the best round is the least
-disturbed one. ms/step is the round's wall time / steps, so each fit()'s fixed cost (a new iterator,
-callbacks) is included on both sides.
+alternate ours and Keras on the same batches, and the best round of each counts: on a shared machine the
+best round is the least disturbed one. A round times two fit() calls of one side, of 20 and 20 + `--steps`
+steps (each a new epoch, the same on both sides); ms/step is the difference over `--steps`, so fit()'s
+fixed cost (a new iterator, callbacks, the epoch's end) counts on neither side: the steady step time.
 
 Ours reads its batches as train.py does (data.GatheredBatches: gathered inside the compiled loop), Keras the
 same batches from data.training_batches (tf.data). Input path: our step time fed by the real pipeline against
@@ -171,7 +171,7 @@ class Ours:
 
 
 class Theirs:
-    """The Keras twin compiled with Keras's defaults; fit() trains on the given batches."""
+    """The Keras twin compiled with Keras's defaults; fit() trains one more epoch on the given batches."""
 
     def __init__(self, name, policy, seed):
         import keras
@@ -188,8 +188,10 @@ class Theirs:
             defaults["learning_rate"])
         self.model.compile(optimizer=optimizer, metrics=["accuracy"],
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        self.epochs = 0
 
     def fit(self, batches):
+        self.epochs += 1
         self.model.fit(batches, epochs=1, verbose=0, shuffle=False)
         int(self.model.optimizer.iterations.numpy())
 
@@ -201,34 +203,44 @@ def timed(side, *batches):
 
 
 def step_times(tf, data, train, case, seed, steps, rounds):
-    """{"ours": [ms/step per round], "keras": [...]} alternated rounds after one untimed round each. Ours reads
+    """{"ours": [ms/step per round], "keras": [...]}: alternated rounds after one untimed round each. Ours reads
     data.GatheredBatches (as train.py does), Keras the same batches from data.training_batches."""
     _, name, batch, precision, policy = case
     ours, theirs = Ours(tf, name, precision, seed), Theirs(name, policy, seed)
     source = data.GatheredBatches(train, batch, seed)
+    feeds = {"ours": lambda n: (source, n),
+             "keras": lambda n: (data.training_batches(train, batch, seed, theirs.epochs).take(n),)}
+    sides = {"ours": ours, "keras": theirs}
     times = {"ours": [], "keras": []}
-    for index in range(rounds + 1):  # round `index` is epoch `index` of both
-        sides = {"ours": (ours, source, steps), "keras": (theirs, data.training_batches(train, batch, seed, index)
-                                                          .take(steps))}
+    for index in range(rounds + 1):
         for key in ("ours", "keras") if index % 2 else ("keras", "ours"):
-            side, *batches = sides[key]
-            seconds = timed(side, *batches)
-            if index:
-                times[key].append(1000 * seconds / steps)
-    return times, ours, source
+            times[key].append(marginal_ms(sides[key], feeds[key], steps))
+    return {key: values[1:] for key, values in times.items()}, ours, source
+
+
+SHORT = 20
+
+
+def marginal_ms(side, feed, steps):
+    """ms per step without fit()'s fixed cost (iterator, callbacks, epoch end): (t(SHORT + steps) - t(SHORT)) /
+    steps, from two fits of the same side, each a new epoch of the same batches on both sides."""
+    short = timed(side, *feed(SHORT))
+    long = timed(side, *feed(SHORT + steps))
+    return 1000 * (long - short) / steps
 
 
 def input_cost(tf, data, train, ours, source, batch, seed, steps, rounds):
     """ms/step of our step fed by {"gathered": data.GatheredBatches, "tf.data": data.training_batches,
     "one batch": the same batch every step}, best of alternated rounds."""
-    still = OneBatch(*next(iter(data.training_batches(train, batch, seed, 0))), steps)
-    times = {"gathered": [], "tf.data": [], "one batch": []}
+    still = OneBatch(*next(iter(data.training_batches(train, batch, seed, 0))), SHORT + steps)
+    feeds = {"gathered": lambda n: (source, n), "one batch": lambda n: (still, n),
+             "tf.data": lambda n: (data.training_batches(train, batch, seed, ours.epochs).take(n),)}
+    times = {key: [] for key in feeds}
+    for feed in feeds.values():  # untimed: the first call with a new kind of feed traces the loop for it
+        timed(ours, *feed(SHORT))
     for _ in range(rounds):
-        epoch = ours.epochs  # the epoch the next fit() trains
-        feeds = {"gathered": (source, steps), "one batch": (still, steps),
-                 "tf.data": (data.training_batches(train, batch, seed, epoch).take(steps),)}
         for key, feed in feeds.items():
-            times[key].append(1000 * timed(ours, *feed) / steps)
+            times[key].append(marginal_ms(ours, feed, steps))
     return {key: min(values) for key, values in times.items()}
 
 
