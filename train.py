@@ -202,9 +202,12 @@ def make_config(values, registry=None):
     given = {key: value for key, value in values.items()
              if key in RunConfig.__dataclass_fields__ and value is not None}
     try:
-        return RunConfig(**{**registry[name].settings, **given, "model": name})
+        config = RunConfig(**{**registry[name].settings, **given, "model": name})
     except SettingError as error:
         raise FlagError(f"--{error.name} {error.problem}") from None
+    if config.gradients == "by_hand" and config.precision != "float32":
+        raise FlagError(f"--gradients=by_hand works in float32 only, not with --precision={config.precision}")
+    return config
 
 
 def notes(values, config):
@@ -569,7 +572,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     callbacks = [EpochReport(config.epochs, validation_name, out), stop]
     callbacks += tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, last_gradients)
     trainer = Trainer(model, optimizer, callbacks=callbacks, log_every=config.log_every,
-                      compute_gradients=last_gradients.recording(gradient_function(config)),
+                      **gradient_options(config, last_gradients),
                       checkpoint_dir=os.path.join(chief_run_dir, "checkpoints"),
                       checkpoint_write_dir=os.path.join(run_dir, "checkpoints"),
                       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
@@ -636,6 +639,14 @@ def weights_digest(model):
     for variable in model.variables:
         digest.update(variable.read_value().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def gradient_options(config, last_gradients):
+    """The Trainer's compute_gradients: gradient_function's, recorded for TensorBoard; none in mixed precision,
+    whose step computes its own gradients (core/precision.py; no gradient histograms then)."""
+    if config.precision == "float32":
+        return {"compute_gradients": last_gradients.recording(gradient_function(config))}
+    return {}
 
 
 def gradient_function(config):
