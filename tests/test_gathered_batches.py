@@ -60,6 +60,18 @@ def test_bad_sizes_and_skips():
         data.GatheredBatches(examples(), BATCH, seed=1).start(0, 7)
 
 
+
+def test_under_a_strategy_with_several_replicas_the_trainer_asks_for_tf_data_batches():
+    from core import distribute
+    strategy = distribute.make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        model, optimizer = Sequential([Flatten(), Dense(4)]), Adam(0.01)
+    trainer = Trainer(model, optimizer, progress=False, strategy=strategy)
+    with pytest.raises(ValueError, match="a batch source gathered inside the loop feeds one replica"):
+        trainer.fit(data.GatheredBatches(examples(), BATCH, seed=1), epochs=1)
+
+
 class StopAt(Callback):
     def __init__(self, step):
         self.step, self.trainer = step, None
