@@ -117,9 +117,11 @@ def main(argv):
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op)
     if FLAGS.intra_op:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op)
+    import datasets
     from core import data
+    from datasets import idx
 
-    train = data.load(data.prepare(FLAGS.data_dir, download=False, progress=False), "train")
+    train = idx.load(datasets.prepare(FLAGS.data_dir, "mnist", download=False, progress=False), "train")
     table = ["| model | lever | baseline ms/step | with the lever | change |", "| --- | --- | --- | --- | --- |"]
     for name in FLAGS.models:
         baseline = Side(tf, data, train, name, None)

@@ -22,7 +22,6 @@ each model's share is its training FLOPs per second (3 x the forward pass's mult
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -352,15 +351,17 @@ def main(argv):
     del argv
     import tensorflow as tf
     from absl import logging
+    import datasets
     from core import data
+    from datasets import idx
 
     logging.set_verbosity(logging.WARNING)
     unknown = [case for case in FLAGS.cases if case not in CASES]
     if unknown:
         raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     tf.config.experimental.enable_op_determinism()
-    data_dir = data.prepare(FLAGS.data_dir, download=False, progress=False)
-    train, test = data.load(data_dir, "train"), data.load(data_dir, "test")
+    data_dir = datasets.prepare(FLAGS.data_dir, "mnist", download=False, progress=False)
+    train, test = idx.load(data_dir, "train"), idx.load(data_dir, "test")
     cpu, bf16 = cpu_flags()
     load_before = os.getloadavg()[0]
     lines = [f"CPU: {cpu}; flags: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in bf16.items())
