@@ -207,6 +207,8 @@ def make_config(values, registry=None):
         raise FlagError(f"--{error.name} {error.problem}") from None
     if config.gradients == "by_hand" and config.precision != "float32":
         raise FlagError(f"--gradients=by_hand works in float32 only, not with --precision={config.precision}")
+    if config.jit_compile and config.strategy != "default":
+        raise FlagError(f"--jit_compile compiles the step of one replica; drop it or --strategy={config.strategy}")
     return config
 
 
@@ -577,7 +579,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                       checkpoint_write_dir=os.path.join(run_dir, "checkpoints"),
                       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                       progress=config.progress, steps_per_loop=config.steps_per_loop, strategy=strategy,
-                      precision=config.precision)
+                      precision=config.precision, jit_compile=config.jit_compile)
     if strategy.num_replicas_in_sync == 1:  # the batches gathered inside the compiled loop: no input pipeline
         batches = data.GatheredBatches(train, config.batch_size, config.seed)
     else:  # the same batches from tf.data, which the strategy splits among the replicas

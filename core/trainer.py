@@ -128,6 +128,7 @@ class Trainer:
         every replica) while restores read `checkpoint_dir`, the chief's.
       checkpoint_write_dir: where this process writes checkpoints (default: checkpoint_dir).
       precision: float32, mixed_bfloat16 or mixed_float16 (core/precision.py).
+      jit_compile: compile the step with XLA (one replica only).
     Defaults come from core.config.TrainingConfig.
     """
 
@@ -135,14 +136,15 @@ class Trainer:
                  log_every=TrainingConfig.log_every, checkpoint_dir=None, checkpoint_every=None,
                  keep_checkpoints=TrainingConfig.keep_checkpoints, progress=TrainingConfig.progress,
                  steps_per_loop=TrainingConfig.steps_per_loop, compute_gradients=tape_gradients, strategy=None,
-                 checkpoint_write_dir=None, precision=TrainingConfig.precision):
+                 checkpoint_write_dir=None, precision=TrainingConfig.precision,
+                 jit_compile=TrainingConfig.jit_compile):
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, none_ok=True)
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         _check_positive("keep_checkpoints", keep_checkpoints)
         _check_positive("steps_per_loop", steps_per_loop)
-        self.runner = Runner(model, optimizer, loss_fn, compute_gradients, strategy, precision)
+        self.runner = Runner(model, optimizer, loss_fn, compute_gradients, strategy, precision, jit_compile)
         self.model = model
         self.optimizer = optimizer
         self.callbacks = list(callbacks)

@@ -180,6 +180,8 @@ BAD_FLAGS = [
     (["--lr_min=inf"], r"--lr_min must be finite, got inf"),
     (["--seed=9223372036854775808"], r"--seed must be in \[0, 2\*\*63\), got 9223372036854775808"),
     (["--steps_per_loop=0"], r"--steps_per_loop must be a positive integer, got 0"),
+    (["--jit_compile", "--strategy=mirrored"],
+     r"--jit_compile compiles the step of one replica; drop it or --strategy=mirrored"),
     (["--gradients=by_hand", "--precision=mixed_bfloat16"],
      r"--gradients=by_hand works in float32 only, not with --precision=mixed_bfloat16"),
     (["--precision=float64"], r"--precision=float64: value should be one of <float32\|mixed_bfloat16\|mixed_float16>"),
@@ -224,6 +226,18 @@ def test_non_finite_loss_gives_one_line_and_exit_code_1(mnist_dir, tmp_path):
                    "--run_name=nan")
     assert_one_error_line(result, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
     assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_jit_compile_trains_exports_and_keeps_the_nan_guard(mnist_dir, tmp_path):
+    common = ["--model=dense", "--epochs=1", "--steps_per_epoch=20", "--log_every=5", "--noprogress",
+              "--jit_compile", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}"]
+    result = train(*common, "--run_name=xla")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "xla" / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["test_accuracy"] > 0.8 and metrics["hparams"]["jit_compile"]
+    assert (tmp_path / "xla" / "saved_model" / "saved_model.pb").exists()
+    failed = train(*common, "--learning_rate=1e38", "--run_name=nan")
+    assert_one_error_line(failed, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
 
 
 def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path):

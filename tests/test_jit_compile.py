@@ -1,0 +1,89 @@
+"""The training step compiled with XLA (Runner(jit_compile=True), train.py --jit_compile): the same training as
+the plain step up to float32 rounding (Dropout aside: XLA draws other random bits), bit-identical from run to
+run and across a resume, refused under a strategy of several replicas."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import config  # is_/disable_op_determinism are not in the public API
+
+from core import data, distribute
+from core.layers import BatchNorm, Dense, Dropout, Flatten, Sequential
+from core.optimizers import SGD, Adam
+from core.trainer import Callback, Trainer
+
+EXAMPLES, BATCH = 256, 32  # 8 batches per epoch
+
+
+def examples():
+    """uint8 pixels [N, 6, 6, 1] and labels [N]: the third of the image numbered by the label is brighter."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, EXAMPLES).astype(np.int32)
+    pixels = rng.integers(0, 170, (EXAMPLES, 3, 12))
+    pixels[np.arange(EXAMPLES), labels] += 85
+    return tf.data.Dataset.from_tensor_slices((pixels.reshape(EXAMPLES, 6, 6, 1).astype(np.uint8), labels))
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step, self.trainer = step, None
+
+    def on_train_begin(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, step, logs):
+        if step == self.step:
+            self.trainer.stop_training = True
+
+
+@pytest.fixture(autouse=True)
+def deterministic():
+    was_enabled = config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    yield
+    if not was_enabled:
+        config.disable_op_determinism()
+
+
+def run(jit_compile, directory=None, epochs=2, callbacks=(), seed=1, dropout=True, optimizer=None):
+    """(every model variable, the epochs' figures, the trainer) after training on the examples."""
+    tf.random.set_seed(seed)
+    model = Sequential([Flatten(), Dense(16), BatchNorm(), Dense(16, activation="relu")]
+                       + ([Dropout(0.25)] if dropout else []) + [Dense(3)])
+    trainer = Trainer(model, optimizer or Adam(0.01), callbacks=callbacks, log_every=2, steps_per_loop=3,
+                      progress=False,
+                      checkpoint_dir=None if directory is None else str(directory), jit_compile=jit_compile)
+    history = trainer.fit(data.GatheredBatches(examples(), BATCH, seed=3), epochs)
+    figures = [{k: v for k, v in e.items() if k != "seconds"} for e in history.epochs]
+    return [v.numpy() for v in model.variables], figures, trainer
+
+
+def test_the_compiled_step_trains_as_the_plain_step_does_up_to_rounding():
+    """Without Dropout, whose masks come from XLA's own random bits when compiled, and with SGD, which does not
+    amplify rounding differences as Adam's division by sqrt(v) does for gradients near 0."""
+    plain, plain_figures, _ = run(jit_compile=False, dropout=False, optimizer=SGD(0.1))
+    compiled, compiled_figures, trainer = run(jit_compile=True, dropout=False, optimizer=SGD(0.1))
+    assert trainer.runner.step is not trainer.runner.train_step  # the XLA-compiled function
+    assert int(trainer.optimizer.step.numpy()) == 16
+    for a, b in zip(plain, compiled):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain_figures, compiled_figures):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["accuracy"] == a["accuracy"]
+
+
+def test_the_compiled_step_is_bit_identical_run_to_run_and_across_a_resume(tmp_path):
+    straight, figures, _ = run(jit_compile=True, directory=tmp_path / "a", epochs=3)
+    again, _, _ = run(jit_compile=True, epochs=3)
+    run(jit_compile=True, directory=tmp_path / "b", epochs=3, callbacks=[StopAt(10)])  # in epoch 2
+    resumed, resumed_figures, _ = run(jit_compile=True, directory=tmp_path / "b", epochs=3, seed=99)
+    for other in (again, resumed):
+        assert all(np.array_equal(a, b) for a, b in zip(straight, other))
+    assert resumed_figures == figures
+
+
+def test_a_strategy_with_several_replicas_is_refused():
+    strategy = distribute.make_strategy("mirrored")
+    with strategy.scope():
+        model, optimizer = Sequential([Flatten(), Dense(3)]), Adam(0.01)
+    with pytest.raises(ValueError, match="jit_compile compiles the step of one replica"):
+        Trainer(model, optimizer, strategy=strategy, jit_compile=True)
