@@ -10,7 +10,7 @@ rounds alternate baseline and variant, the best round of each counts (the machin
     loop1      one step per call instead of 50
     guard      no NaN guard at all (what the guard costs)
     metrics    no metric updates in the step (what the per-step float64 metrics cost)
-    xla        jit_compile=True on the step (fed by GatheredBatches: tf.data ops do not compile)
+    xla        the step compiled with XLA (Runner(jit_compile=True), as --jit_compile), fed by GatheredBatches
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
 --inter_op=N --intra_op=M and compare its baseline column. The figures go into RESULTS.md.
 """
@@ -47,15 +47,12 @@ def make_runner(tf, name, lever):
     defaults = REGISTRY[name].defaults
     tf.random.set_seed(1)
     optimizer = {"adam": optimizers.Adam, "sgd": optimizers.SGD}[defaults["optimizer"]](defaults["learning_rate"])
-    runner = Runner(REGISTRY[name].build(defaults["dropout"]), optimizer)
+    runner = Runner(REGISTRY[name].build(defaults["dropout"]), optimizer, jit_compile=lever == "xla")
     if lever == "guard":
-        runner.train_step = lambda batch: _unguarded(runner, batch)
+        runner.step = lambda batch: _unguarded(runner, batch)
     if lever == "metrics":
         for metric in (runner.train_loss, runner.train_accuracy, runner.window_loss, runner.window_accuracy):
             metric.update = lambda *args, **kwargs: None
-    if lever == "xla":
-        step = tf.function(runner.train_step, jit_compile=True)
-        runner.train_step = step
     return runner
 
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_vs_keras.py                        # the table, input path, epoch ends, matmul peak
     python benchmarks/bench_vs_keras.py --time_to_accuracy     # also wall time to 99.0% (conv), 99.4% (conv_bn)
     python benchmarks/bench_vs_keras.py --cases=conv --steps=100 --rounds=2     # a quick look
+    python benchmarks/bench_vs_keras.py --jit_compile --noextras   # ours with train.py --jit_compile
 
 Step time: each case builds our model (trained by core.trainer.Trainer.fit, as train.py does, with the
 default --steps_per_loop) and its Keras twin (tests/keras_twins.py, compiled with Keras's defaults: no XLA
@@ -56,6 +57,8 @@ flags.DEFINE_list("cases", list(CASES), f"Cases of the table: {', '.join(CASES)}
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per side (alternated); the best counts.")
 flags.DEFINE_integer("steps_per_loop", None, "Our steps per compiled call (default: the trainer's).")
+flags.DEFINE_bool("jit_compile", False, "Our step compiled with XLA, as train.py --jit_compile (Keras keeps its "
+                  "default: no XLA on a CPU).")
 flags.DEFINE_bool("extras", True, "Also measure the input path, the epoch-end work and the matmul peak.")
 flags.DEFINE_bool("time_to_accuracy", False, "Also train conv and conv_bn (ours and Keras, same settings) "
                   "until their test accuracy target; long.")
@@ -159,6 +162,8 @@ class Ours:
         options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
         if precision != "float32":
             options["precision"] = precision
+        if FLAGS.jit_compile:
+            options["jit_compile"] = True
         self.trainer = Trainer(self.model, optimizer, progress=False, **options)
         self.epochs = 0
 
