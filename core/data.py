@@ -147,14 +147,18 @@ def _batch_indices(size, batch_size, seed, epoch):
 
 
 def evaluation_batches(dataset, batch_size=1000):
-    """All examples in order, in batches of `batch_size` (the last one may be smaller)."""
+    """All examples in order, in batches of `batch_size` (the last one may be smaller).
+
+    For examples held as uint8 pixels, x = pixel / 255 is computed on the first pass and cached (4 bytes per
+    pixel: 31 MB for MNIST's 10,000 test images), so evaluating every epoch repeats no conversion.
+    """
     if batch_size < 1:
         raise ValueError(f"evaluation_batches: batch_size must be >= 1, got {batch_size}")
     if dataset not in _examples:
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     images, labels = _examples[dataset]
     batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-    return batches.map(lambda x, y: (_as_float(x), y)).prefetch(tf.data.AUTOTUNE)
+    return batches.map(lambda x, y: (_as_float(x), y)).cache().prefetch(tf.data.AUTOTUNE)
 
 
 def split_validation(dataset, count=5000):
