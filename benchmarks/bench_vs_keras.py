@@ -263,9 +263,10 @@ def epoch_end_seconds(tf, data, name, ours, test, rounds):
         checkpointer = Checkpointer(os.path.join(logdir, "checkpoints"), keep=3, model=ours.model,
                                     optimizer=trainer.optimizer)
         step = int(trainer.optimizer.step.numpy())
+        validation = data.evaluation_batches(test)  # made once, as train.py does: its batches are cached
         for index in range(rounds + 1):
             started = time.perf_counter()
-            figures = trainer.evaluate(data.evaluation_batches(test))
+            figures = trainer.evaluate(validation)
             evaluated = time.perf_counter()
             board.on_epoch_end(index + 1, step + index, {"loss": 0.1, "accuracy": 0.9, "learning_rate": 0.01,
                                                          "val_loss": figures["loss"],
