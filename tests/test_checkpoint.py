@@ -21,6 +21,7 @@ from core.layers import Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
 from core.schedules import ExponentialDecay
 from core.trainer import Callback, Trainer
+from stop_at import StopAt
 
 EXAMPLES, BATCH, STEPS = 256, 32, 8  # 8 steps per epoch
 
@@ -129,22 +130,6 @@ def test_resume_after_a_clean_stop_equals_the_straight_run(straight, tmp_path):
     assert [entry["epoch"] for entry in history.epochs] == [1, 2, 3]
     assert second.learning_rate.numpy() == pytest.approx(0.01 * 0.6 ** 2)
     assert_same_state(second.checkpointer.latest, straight[3])
-
-
-class StopAt(Callback):
-    """At the log point of `step`: ask the trainer to stop, or crash (any exception out of fit)."""
-
-    def __init__(self, step, crash):
-        self.step, self.crash, self.trainer = step, crash, None
-
-    def on_train_begin(self, trainer):
-        self.trainer = trainer
-
-    def on_log(self, step, logs):
-        if step == self.step:
-            if self.crash:
-                raise KeyboardInterrupt("simulated crash")
-            self.trainer.stop_training = True
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["stop", "crash"])

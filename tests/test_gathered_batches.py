@@ -8,7 +8,8 @@ import tensorflow as tf
 from core import data
 from core.layers import Dense, Dropout, Flatten, Sequential
 from core.optimizers import Adam
-from core.trainer import Callback, Trainer
+from core.trainer import Trainer
+from stop_at import StopAt
 
 EXAMPLES, BATCH = 200, 32  # 6 batches per epoch, 8 examples left out
 
@@ -70,18 +71,6 @@ def test_under_a_strategy_with_several_replicas_the_trainer_asks_for_tf_data_bat
     trainer = Trainer(model, optimizer, progress=False, strategy=strategy)
     with pytest.raises(ValueError, match="a batch source gathered inside the loop feeds one replica"):
         trainer.fit(data.GatheredBatches(examples(), BATCH, seed=1), epochs=1)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step, self.trainer = step, None
-
-    def on_train_begin(self, trainer):
-        self.trainer = trainer
-
-    def on_log(self, step, logs):
-        if step == self.step:
-            self.trainer.stop_training = True
 
 
 def run(train_data, directory, epochs=3, callbacks=(), seed=1):

@@ -9,7 +9,8 @@ from tensorflow.python.framework import config  # is_/disable_op_determinism are
 from core import data, distribute
 from core.layers import BatchNorm, Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
-from core.trainer import Callback, Trainer
+from core.trainer import Trainer
+from stop_at import StopAt
 
 EXAMPLES, BATCH = 256, 32  # 8 batches per epoch
 
@@ -21,18 +22,6 @@ def examples():
     pixels = rng.integers(0, 170, (EXAMPLES, 3, 12))
     pixels[np.arange(EXAMPLES), labels] += 85
     return tf.data.Dataset.from_tensor_slices((pixels.reshape(EXAMPLES, 6, 6, 1).astype(np.uint8), labels))
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step, self.trainer = step, None
-
-    def on_train_begin(self, trainer):
-        self.trainer = trainer
-
-    def on_log(self, step, logs):
-        if step == self.step:
-            self.trainer.stop_training = True
 
 
 @pytest.fixture(autouse=True)
