@@ -72,12 +72,9 @@ def training_batches(dataset, batch_size, seed, epoch):
     examples, so a tf.function step traces once.
     """
     images, labels = _checked_tensors(dataset, batch_size)
-
-    def gather(indices):
-        return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
-
     batches = tf.data.Dataset.from_tensor_slices(_batch_indices(int(labels.shape[0]), batch_size, seed, epoch))
-    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    return batches.map(lambda indices: _gather(images, labels, indices), num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 class GatheredBatches(tf.Module):
@@ -122,7 +119,13 @@ class GatheredBatches(tf.Module):
         """(images [B, ...] float, labels [B]) of the next row of the order; position += 1."""
         indices = tf.gather(self.order, self.position)
         self.position.assign_add(1)
-        return _as_float(tf.gather(self.images, indices)), tf.gather(self.labels, indices)
+        return _gather(self.images, self.labels, indices)
+
+
+def _gather(images, labels, indices):
+    """The batch of the example indices [B]: (x = images[indices] / 255 as float, labels[indices]); one function
+    for both batch sources, so their batches are the same bits."""
+    return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
 
 
 def _checked_tensors(dataset, batch_size):
