@@ -568,8 +568,12 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
         out(f"  {distribute.describe(strategy)}; {per_replica} per replica"
             + ("" if chief else "; the chief writes the run"))
 
-    with strategy.scope():
-        last_gradients = LastGradients(model)
+    # The applied gradients, kept for TensorBoard; not in mixed precision, whose step computes its own gradients
+    # (core/precision.py), so TensorBoard shows no gradients rather than zeros.
+    last_gradients = None
+    if config.precision == "float32":
+        with strategy.scope():
+            last_gradients = LastGradients(model)
     stop = interrupts.StopOnSignal()
     callbacks = [EpochReport(config.epochs, validation_name, out), stop]
     callbacks += tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, last_gradients)
@@ -644,11 +648,11 @@ def weights_digest(model):
 
 
 def gradient_options(config, last_gradients):
-    """The Trainer's compute_gradients: gradient_function's, recorded for TensorBoard; none in mixed precision,
-    whose step computes its own gradients (core/precision.py; no gradient histograms then)."""
-    if config.precision == "float32":
-        return {"compute_gradients": last_gradients.recording(gradient_function(config))}
-    return {}
+    """The Trainer's compute_gradients: gradient_function's, recorded into `last_gradients`; none without them
+    (mixed precision: the runner's own)."""
+    if last_gradients is None:
+        return {}
+    return {"compute_gradients": last_gradients.recording(gradient_function(config))}
 
 
 def gradient_function(config):
@@ -662,9 +666,9 @@ def gradient_function(config):
 
 def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, gradients):
     """[TensorBoard callback] writing into run_dir: scalars, histograms and pictures of the first 1,000 test
-    images each epoch, the last step's gradients (`gradients`, a LastGradients) each epoch, the graph, the hparams,
-    and at the end curves.png, learning_rate.png, predictions.png (layout: app/summaries.py); printed digits too
-    when the data set is handwritten digits of its own shape."""
+    images each epoch, the last step's gradients (`gradients`, a LastGradients, or None) each epoch, the graph,
+    the hparams, and at the end curves.png, learning_rate.png, predictions.png (layout: app/summaries.py);
+    printed digits too when the data set is handwritten digits of its own shape."""
     import datasets
     from app.summaries import TensorBoard
     sample_images, sample_labels = next(iter(test.batch(1000)))

@@ -394,6 +394,19 @@ def test_bad_sample_arguments():
 
 # ----------------------------------------------------------------------------------------------- train.py
 
+def test_mixed_precision_writes_no_gradients_to_tensorboard(mnist_dir, tmp_path):
+    """Its step computes its own gradients, which are not recorded: no gradient tags rather than zeros."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--model=softmax", "--epochs=1",
+                             "--steps_per_epoch=10", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}",
+                             "--run_name=mixed", "--noprogress", "--precision=mixed_bfloat16"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    values, plugins, _ = read_events(tmp_path / "mixed")
+    assert "logits/w" in plugins and "activations/logits" in plugins
+    assert not [tag for tag in plugins if tag.startswith(("gradient_norm/", "gradients/"))]
+
+
 def test_train_py_writes_the_tensorboard_layout(mnist_dir, tmp_path):
     """--steps_per_epoch=30 with the default --log_every=100: no log point, so the epoch end carries the
     training figures; everything else is there. Trained with --gradients=by_hand."""
