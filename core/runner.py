@@ -110,7 +110,6 @@ class Runner(tf.Module):
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.precision = precision
         dtype = compute_dtype(precision)
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
