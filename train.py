@@ -665,8 +665,9 @@ def gradient_function(config):
 
 
 def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, gradients):
-    """[TensorBoard callback] writing into run_dir: scalars, histograms and pictures of the first 1,000 test
-    images each epoch, the last step's gradients (`gradients`, a LastGradients, or None) each epoch, the graph,
+    """[TensorBoard callback] writing into run_dir: scalars each epoch, histograms and pictures of the first
+    1,000 test images every config.summaries_every_epochs-th epoch, the last step's gradients (`gradients`, a
+    LastGradients, or None), the graph,
     the hparams, and at the end curves.png, learning_rate.png, predictions.png (layout: app/summaries.py);
     printed digits too when the data set is handwritten digits of its own shape."""
     import datasets
@@ -676,7 +677,7 @@ def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, grad
     font_digits = dataset.digits and tuple(sample_images.shape[1:]) == dataset.image_shape
     return [TensorBoard(run_dir, sample_images, sample_labels, hparams=config.hparams(), schedule=schedule,
                         total_steps=config.epochs * steps_per_epoch, font_digits=font_digits,
-                        gradients=gradients)]
+                        summaries_every_epochs=config.summaries_every_epochs, gradients=gradients)]
 
 
 def export_model(model, export_dir, run_dir):

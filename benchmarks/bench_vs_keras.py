@@ -16,9 +16,10 @@ fixed cost (a new iterator, callbacks, the epoch's end) counts on neither side: 
 Ours reads its batches as train.py does (data.GatheredBatches: gathered inside the compiled loop), Keras the
 same batches from data.training_batches (tf.data). Input path: our step time fed by the real pipeline against
 fed the same batch every step (no input work at all); the gap is what the input costs a step (target <= 5%);
-the tf.data column is our step fed by training_batches instead. Epoch end: evaluation of the 10,000 test images, TensorBoard
-(scalars, histograms, images) and one checkpoint, against an epoch of the model's default steps at the
-measured step time (target <= 10%). Peak: the best GFLOP/s of a large tf.matmul in float32 and bfloat16;
+the tf.data column is our step fed by training_batches instead. Epoch end: evaluation of the 10,000 test
+images, TensorBoard (scalars; histograms and images every summaries_every_epochs-th epoch, so the mean over
+that cycle) and one checkpoint, against an epoch of the model's default steps at the measured step time
+(target <= 10%). Our side records the last step's gradients for TensorBoard, as train.py does. Peak: the best GFLOP/s of a large tf.matmul in float32 and bfloat16;
 each model's share is its training FLOPs per second (3 x the forward pass's multiply-adds x 2) over it.
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
@@ -150,7 +151,9 @@ class Ours:
     `batches` (a batch source such as data.GatheredBatches, or a tf.data.Dataset)."""
 
     def __init__(self, tf, name, precision, seed):
+        from app.summaries import LastGradients
         from core import optimizers
+        from core.runner import tape_gradients
         from core.trainer import Trainer
         from models import REGISTRY
 
@@ -164,6 +167,11 @@ class Ours:
             options["precision"] = precision
         if FLAGS.jit_compile:
             options["jit_compile"] = True
+        if precision == "float32":  # as train.py: TensorBoard shows the last step's gradients
+            self.last_gradients = LastGradients(self.model)
+            options["compute_gradients"] = self.last_gradients.recording(tape_gradients)
+        else:
+            self.last_gradients = None
         self.trainer = Trainer(self.model, optimizer, progress=False, **options)
         self.epochs = 0
 
@@ -250,21 +258,26 @@ def input_cost(tf, data, train, ours, source, batch, seed, steps, rounds):
 
 def epoch_end_seconds(tf, data, name, ours, test, rounds):
     """{"evaluation", "tensorboard", "checkpoint"}: seconds of each part of an epoch's end at train.py's
-    defaults (evaluation of `test`, TensorBoard scalars, histograms and images, one checkpoint), best of rounds."""
+    defaults (evaluation of `test`, TensorBoard scalars each epoch, histograms and images every
+    summaries_every_epochs-th, one checkpoint), the mean over that cycle of epochs, best of rounds."""
     from app.summaries import TensorBoard
     from core.checkpoint import Checkpointer
 
     trainer = ours.trainer
+    every = settings(name)["summaries_every_epochs"]
     images, labels = next(iter(test.batch(1000)))
-    best = {"evaluation": float("inf"), "tensorboard": float("inf"), "checkpoint": float("inf")}
     with tempfile.TemporaryDirectory() as logdir:
-        board = TensorBoard(logdir, images, labels, hparams={"model": name})
+        board = TensorBoard(logdir, images, labels, hparams={"model": name}, summaries_every_epochs=every,
+                            gradients=ours.last_gradients)
         board.on_train_begin(trainer)
         checkpointer = Checkpointer(os.path.join(logdir, "checkpoints"), keep=3, model=ours.model,
                                     optimizer=trainer.optimizer)
         step = int(trainer.optimizer.step.numpy())
         validation = data.evaluation_batches(test)  # made once, as train.py does: its batches are cached
-        for index in range(rounds + 1):
+        cycles = []  # per round: {part: seconds summed over one cycle of `every` epoch ends}
+        for index in range((rounds + 1) * every):
+            if index % every == 0:
+                cycles.append({"evaluation": 0.0, "tensorboard": 0.0, "checkpoint": 0.0})
             started = time.perf_counter()
             figures = trainer.evaluate(validation)
             evaluated = time.perf_counter()
@@ -274,12 +287,11 @@ def epoch_end_seconds(tf, data, name, ours, test, rounds):
             written = time.perf_counter()
             checkpointer.save()
             saved = time.perf_counter()
-            if index:
-                for key, seconds in (("evaluation", evaluated - started), ("tensorboard", written - evaluated),
-                                     ("checkpoint", saved - written)):
-                    best[key] = min(best[key], seconds)
+            for key, seconds in (("evaluation", evaluated - started), ("tensorboard", written - evaluated),
+                                 ("checkpoint", saved - written)):
+                cycles[-1][key] += seconds
         board.on_train_end(trainer, trainer.history)
-    return best
+    return {key: min(cycle[key] for cycle in cycles[1:]) / every for key in cycles[0]}  # the first: warm-up
 
 
 # ------------------------------------------------------------------------------------ time to accuracy

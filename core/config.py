@@ -120,6 +120,9 @@ class TrainingConfig:
                              _positive_int)
     checkpoint_every: int | None = setting(None, "Also save a checkpoint every this many steps (None: only at "
                                            "the end of each epoch).", _optional_positive_int)
+    summaries_every_epochs: int = setting(1, "TensorBoard's histograms and pictures at every n-th epoch end and "
+                                          "the last only (its scalars at each): they take about 0.1 s, which "
+                                          "counts when an epoch lasts a second.", _positive_int, per_model=True)
     keep_checkpoints: int = setting(3, "How many checkpoints to keep.", _positive_int)
     steps_per_loop: int = setting(50, "Most training steps per compiled call; log points, checkpoints and epoch "
                                   "ends cut a call short. Changes speed only, never the numbers.", _positive_int)

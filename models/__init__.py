@@ -25,7 +25,8 @@ class ModelSpec:
     """A named network: `build(dropout, num_classes) -> Sequential`, its codelab settings, their source, and its
     target.
 
-    settings: only the TrainingConfig fields (marked per_model) where the codelab differs from the defaults.
+    settings: only the TrainingConfig fields (marked per_model) where the codelab differs from the defaults,
+      and summaries_every_epochs where an epoch is short enough for TensorBoard's pictures to show.
     """
     build: Callable[[float, int], Sequential]
     description: str
@@ -53,25 +54,26 @@ PRACTICAL = "'TensorFlow 2.0 Practical'"
 REGISTRY = {
     "softmax": ModelSpec(
         build=dense.softmax,
-        settings=dict(batch_size=100, epochs=100, optimizer="sgd", learning_rate=0.01),
+        settings=dict(batch_size=100, epochs=100, optimizer="sgd", learning_rate=0.01, summaries_every_epochs=10),
         source=f"{CODELAB} s.5 (keras_01: optimizer 'sgd' = lr 0.01, about 90% after 10 "
                f"epochs); {PRACTICAL} s.5 (SGD 0.005, batch 100, 300 epochs)",
         description="flatten 784 -> dense 10 (softmax regression)",
         target=">= 92% test accuracy"),
     "dense_sigmoid": ModelSpec(
         build=dense.dense_sigmoid,
-        settings=dict(optimizer="sgd", learning_rate=0.01),
+        settings=dict(optimizer="sgd", learning_rate=0.01, summaries_every_epochs=2),
         source=f"{CODELAB} s.6 (first try with more layers: sigmoid, 'sgd', batch 128)",
         description="784 -> 200 -> 60 -> 10, sigmoid hidden layers (the lesson: sigmoid + SGD stalls)",
         target="report it (the lesson: it trains far slower than dense)"),
     "dense": ModelSpec(
         build=dense.dense,
+        settings=dict(summaries_every_epochs=2),
         source=f"{CODELAB} s.7 (keras_02: ReLU, 'adam' = lr 0.001, batch 128)",
         description="784 -> 200 -> 60 -> 10, ReLU hidden layers",
         target=">= 97.5% test accuracy"),
     "dense_decay": ModelSpec(
         build=dense.dense_decay,
-        settings=dict(learning_rate=0.01, lr_decay=0.6, dropout=0.25),
+        settings=dict(learning_rate=0.01, lr_decay=0.6, dropout=0.25, summaries_every_epochs=2),
         source=f"{CODELAB} s.8-9 (keras_03: lr 0.01 * 0.6^epoch, dropout 0.25)",
         description="784 -> 200 -> 100 -> 60 -> 10 ReLU, dropout after each hidden layer; "
                     "--dropout=0 is the learning-rate-decay step before dropout",
@@ -100,7 +102,7 @@ REGISTRY = {
         target=">= 99.5% test accuracy"),
     "dense5": ModelSpec(
         build=dense.dense5,
-        settings=dict(batch_size=100, learning_rate=0.003, lr_decay=0.8),
+        settings=dict(batch_size=100, learning_rate=0.003, lr_decay=0.8, summaries_every_epochs=2),
         source=f"{PRACTICAL} s.7 (ReLU + Adam 0.003, batch 100; s.8 adds dropout 0.25 with "
                "lr 0.005); decay 0.8^epoch stands for the practical's Keras decay=0.001",
         description="784 -> 200 -> 100 -> 60 -> 30 -> 10 ReLU (--dropout adds dropout before each dense)",

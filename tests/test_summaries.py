@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.histogram import summary_v2 as tensorboard_histogram
 
 from app import pictures
 from core import data
@@ -20,7 +21,7 @@ from datasets import idx
 from core.layers import Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
 from core.schedules import ExponentialDecay
-from app.summaries import LastGradients, TensorBoard
+from app.summaries import LastGradients, TensorBoard, histogram_buckets, write_histograms
 from core import backprop
 from core.trainer import Callback, Trainer
 
@@ -329,20 +330,60 @@ def test_the_callback_leaves_training_bit_identical(mnist_dir, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(with_callback, without))
 
 
-def test_histograms_every_second_epoch_and_no_sample_images(mnist_dir, tmp_path):
-    """histogram_every_epochs=2 over 3 epochs: variable histograms at epoch 2 only; without sample images no
-    activations and no mosaic, but the font digits every epoch and a predictions.png of them."""
+@pytest.mark.parametrize("values", [
+    np.random.default_rng(0).normal(size=(784, 200)).astype(np.float32),      # a weight matrix
+    np.random.default_rng(1).exponential(size=(1000, 7, 7, 24)).astype(np.float32) * (np.arange(24) % 2),
+    np.full([60], 0.25, np.float32),                                          # all equal: one bucket
+    np.array([3.0], np.float32),
+    np.array([-1.0, 2.0], np.float32),                                        # the max in the last bucket
+    np.random.default_rng(2).integers(0, 5, size=1000).astype(np.int32),     # values on bucket edges
+])
+def test_histogram_buckets_are_tensorboards(values):
+    """Our bincount histogram gives TensorBoard's own rows (its one-hot sum) bit for bit."""
+    ours = histogram_buckets(tf.constant(values)).numpy()
+    theirs = tensorboard_histogram._buckets(tf.constant(values), bucket_count=30).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[:, 2].sum() == values.size
+
+
+def test_written_histograms_read_back_as_tf_summary_histograms(tmp_path):
+    """write_histograms writes what tf.summary.histogram writes: same tag, plugin, step, counts and edges."""
+    x = tf.random.stateless_normal([300, 20], seed=[4, 2])
+    with tf.summary.create_file_writer(str(tmp_path / "ours")).as_default(step=7):
+        write_histograms([("layer/w", x), ("layer/b", tf.Variable(tf.range(5.0)))])
+    with tf.summary.create_file_writer(str(tmp_path / "theirs")).as_default(step=7):
+        tf.summary.histogram("layer/w", x)
+        tf.summary.histogram("layer/b", tf.range(5.0))
+    (ours, ours_plugins, _), (theirs, theirs_plugins, _) = (read_events(tmp_path / d) for d in ("ours", "theirs"))
+    assert ours_plugins == theirs_plugins == {"layer/w": "histograms", "layer/b": "histograms"}
+    for tag in ("layer/w", "layer/b"):
+        assert steps_of(ours, tag) == steps_of(theirs, tag) == [7]
+        (_, our_rows), (_, their_rows) = ours[tag][0], theirs[tag][0]
+        np.testing.assert_array_equal(our_rows[:, 2], their_rows[:, 2])  # compiled, the edges may differ by an ulp
+        np.testing.assert_allclose(our_rows[:, :2], their_rows[:, :2], rtol=1e-13)
+
+
+@pytest.mark.parametrize("total_steps, written", [(None, [2]), (9, [2, 3])])
+def test_histograms_and_images_every_second_epoch_and_no_sample_images(mnist_dir, tmp_path, total_steps,
+                                                                        written):
+    """summaries_every_epochs=2 over 3 epochs of 3 steps: variable histograms and the font digits at epoch 2,
+    and at epoch 3 too when it is the last of total_steps; without sample images no activations and no
+    mosaic; predictions.png shows the font digits as training ended (epoch 3) either way."""
     train = idx.load(mnist_dir, "train").take(96)
-    tensorboard = TensorBoard(tmp_path, hparams=None, histogram_every_epochs=2)
+    tensorboard = TensorBoard(tmp_path, hparams=None, summaries_every_epochs=2, total_steps=total_steps)
     trainer = Trainer(tiny_model(), Adam(0.01), callbacks=[tensorboard], log_every=2, progress=False)
     history = trainer.fit(lambda epoch: data.training_batches(train, 32, seed=1, epoch=epoch), 3)
     values, _, _ = read_events(tmp_path)
     epoch_steps = [e["step"] for e in history.epochs]
-    assert steps_of(values, "conv1/w") == [epoch_steps[1]]
-    assert steps_of(values, "logits/b") == [epoch_steps[1]]
+    assert epoch_steps == [3, 6, 9]
+    written_steps = [epoch_steps[epoch - 1] for epoch in written]
+    assert steps_of(values, "conv1/w") == written_steps
+    assert steps_of(values, "logits/b") == written_steps
     assert not [tag for tag in values if tag.startswith("activations/")]
     assert "predictions" not in values
-    assert steps_of(values, "font_digits") == epoch_steps
+    assert steps_of(values, "font_digits") == written_steps
+    assert steps_of(read_events(tmp_path / "train")[0], "epoch_loss") == epoch_steps  # the scalars: each epoch
+    assert tensorboard.latest_pictures["step"] == epoch_steps[2]
     with Image.open(tmp_path / "predictions.png") as picture:
         picture.verify()
 
@@ -386,8 +427,8 @@ def test_bad_sample_arguments():
         TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(4), font_digits=False)
     with pytest.raises(ValueError, match="both sample_images and sample_labels, or neither"):
         TensorBoard("unused", np.zeros((5, 28, 28, 1)), font_digits=False)
-    with pytest.raises(ValueError, match="histogram_every_epochs >= 0"):
-        TensorBoard("unused", histogram_every_epochs=-1, font_digits=False)
+    with pytest.raises(ValueError, match="summaries_every_epochs >= 0"):
+        TensorBoard("unused", summaries_every_epochs=-1, font_digits=False)
     with pytest.raises(ValueError, match="histogram_values must be >= 1"):
         TensorBoard("unused", np.zeros((5, 28, 28, 1)), np.zeros(5), font_digits=False, histogram_values=0)
 
