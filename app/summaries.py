@@ -64,8 +64,8 @@ def histogram_buckets(x, buckets=BUCKETS):
         i = min(floor((v - min) / width), buckets - 1),   width = (max - min) / buckets
 
     and all values in the last bucket, both of whose edges are that value, when they are all equal. The
-    counts are a bincount, where tf.summary.histogram sums a [size, buckets] one-hot: the same rows, made
-    several times faster."""
+    counts are a bincount, where tf.summary.histogram sums a [size, buckets] one-hot: the same rows for a
+    fraction of the work."""
     x = tf.cast(tf.reshape(x, [-1]), tf.float64)
     low, high = tf.reduce_min(x), tf.reduce_max(x)
     width = (high - low) / buckets
@@ -88,7 +88,7 @@ def write_histograms(named_tensors):
     """tf.summary.histogram(tag, x) for each (tag, x), into the default writer at its step."""
     metadata = histogram_metadata.create_summary_metadata(display_name=None, description=None)
     for tag, x in named_tensors:
-        values = tf.cast(tf.reshape(x, [-1]), tf.float64)  # a variable is read here (mirrored: averaged)
+        values = tf.cast(tf.reshape(x, [-1]), tf.float64)  # a variable is read here (ON_READ: aggregated)
         tf.summary.write(tag, _compiled_buckets(values), metadata=metadata)
 
 
