@@ -435,13 +435,18 @@ def test_bad_sample_arguments():
 
 # ----------------------------------------------------------------------------------------------- train.py
 
+def train_softmax(mnist_dir, logdir, run_name, steps, *flags):
+    """train.py --model=softmax for one epoch of `steps` steps into logdir/run_name; the finished process."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "--model=softmax", "--epochs=1",
+                           f"--steps_per_epoch={steps}", f"--data_dir={mnist_dir}", f"--logdir={logdir}",
+                           f"--run_name={run_name}", "--noprogress", *flags],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_mixed_precision_writes_no_gradients_to_tensorboard(mnist_dir, tmp_path):
     """Its step computes its own gradients, which are not recorded: no gradient tags rather than zeros."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--model=softmax", "--epochs=1",
-                             "--steps_per_epoch=10", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}",
-                             "--run_name=mixed", "--noprogress", "--precision=mixed_bfloat16"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = train_softmax(mnist_dir, tmp_path, "mixed", 10, "--precision=mixed_bfloat16")
     assert result.returncode == 0, result.stderr
     values, plugins, _ = read_events(tmp_path / "mixed")
     assert "logits/w" in plugins and "activations/logits" in plugins
@@ -451,11 +456,7 @@ def test_mixed_precision_writes_no_gradients_to_tensorboard(mnist_dir, tmp_path)
 def test_train_py_writes_the_tensorboard_layout(mnist_dir, tmp_path):
     """--steps_per_epoch=30 with the default --log_every=100: no log point, so the epoch end carries the
     training figures; everything else is there. Trained with --gradients=by_hand."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--model=softmax", "--epochs=1",
-                             "--steps_per_epoch=30", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}",
-                             "--run_name=quick", "--noprogress", "--gradients=by_hand"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = train_softmax(mnist_dir, tmp_path, "quick", 30, "--gradients=by_hand")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "quick"
     train_values, _, _ = read_events(run_dir / "train")
