@@ -19,8 +19,9 @@ fed the same batch every step (no input work at all); the gap is what the input 
 the tf.data column is our step fed by training_batches instead. Epoch end: evaluation of the 10,000 test
 images, TensorBoard (scalars; histograms and images every summaries_every_epochs-th epoch, so the mean over
 that cycle) and one checkpoint, against an epoch of the model's default steps at the measured step time
-(target <= 10%). Our side records the last step's gradients for TensorBoard, as train.py does. Peak: the best GFLOP/s of a large tf.matmul in float32 and bfloat16;
-each model's share is its training FLOPs per second (3 x the forward pass's multiply-adds x 2) over it.
+(target <= 10%). Our side records the last step's gradients for TensorBoard, as train.py does. Peak: the
+best GFLOP/s of a large tf.matmul in float32 and bfloat16; each model's share is its training FLOPs per
+second (3 x the forward pass's multiply-adds x 2) over it.
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
 import os
