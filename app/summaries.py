@@ -356,9 +356,10 @@ class TensorBoard(Callback):
         pictures.save_learning_rate_png(os.path.join(self.logdir, "learning_rate.png"), schedule_steps,
                                         schedule_values, logged_steps, logged_values)
 
-        if self.model is not None and (self.latest_pictures is None
-                                       or self.latest_pictures["step"] != (step or reached)):
-            self.latest_pictures = self._pictures(step or reached)  # the model as it ends
+        final_step = step or reached
+        drawn = self.latest_pictures is not None and self.latest_pictures["step"] == final_step
+        if self.model is not None and not drawn:
+            self.latest_pictures = self._pictures(final_step)  # the model as it ends
         shown = self.latest_pictures
         if shown is not None and (shown["mosaic"] is not None or shown["font_row"] is not None):
             lines, parts = [], []
