@@ -72,8 +72,13 @@ def _finite_flags(tensors):
 
 
 def _first_false(flags):
-    """Index of the first False in a bool vector (deterministic, unlike argmin on ties)."""
-    return tf.cast(tf.where(tf.logical_not(flags))[0, 0], tf.int32)
+    """Index of the first False in a bool vector [k], k if there is none: min over i of (flags[i] ? k : i).
+
+    Deterministic, unlike argmin on ties, and defined for any flags: XLA may evaluate both branches of a
+    tf.cond, so it must not fail on the branch that is not taken.
+    """
+    size = tf.size(flags)
+    return tf.reduce_min(tf.where(flags, size, tf.range(size)))
 
 
 def _unique(variables):

@@ -9,7 +9,7 @@ from tensorflow.python.framework import config  # is_/disable_op_determinism are
 from core import data, distribute
 from core.layers import BatchNorm, Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
-from core.trainer import Trainer
+from core.trainer import Callback, Trainer
 from stop_at import StopAt
 
 EXAMPLES, BATCH = 256, 32  # 8 batches per epoch
@@ -33,14 +33,16 @@ def deterministic():
         config.disable_op_determinism()
 
 
-def run(jit_compile, directory=None, epochs=2, callbacks=(), seed=1, dropout=True, optimizer=None):
+def run(jit_compile, directory=None, epochs=2, callbacks=(), seed=1, dropout=True, optimizer=None,
+        precision="float32"):
     """(every model variable, the epochs' figures, the trainer) after training on the examples."""
     tf.random.set_seed(seed)
     model = Sequential([Flatten(), Dense(16), BatchNorm(), Dense(16, activation="relu")]
                        + ([Dropout(0.25)] if dropout else []) + [Dense(3)])
     trainer = Trainer(model, optimizer or Adam(0.01), callbacks=callbacks, log_every=2, steps_per_loop=3,
                       progress=False,
-                      checkpoint_dir=None if directory is None else str(directory), jit_compile=jit_compile)
+                      checkpoint_dir=None if directory is None else str(directory), jit_compile=jit_compile,
+                      precision=precision)
     history = trainer.fit(data.GatheredBatches(examples(), BATCH, seed=3), epochs)
     figures = [{k: v for k, v in e.items() if k != "seconds"} for e in history.epochs]
     return [v.numpy() for v in model.variables], figures, trainer
@@ -68,6 +70,26 @@ def test_the_compiled_step_is_bit_identical_run_to_run_and_across_a_resume(tmp_p
     for other in (again, resumed):
         assert all(np.array_equal(a, b) for a, b in zip(straight, other))
     assert resumed_figures == figures
+
+
+class HugeLossScale(Callback):
+    """Starts float16 loss scaling at 2^20: the scaled loss overflows float16 (max 65504) until halvings bring
+    the scale down, so the first steps are skipped."""
+
+    def on_train_begin(self, trainer):
+        trainer.runner.loss_scale.scale.assign(2.0 ** 20)
+
+
+def test_float16_loss_scaling_compiles_and_skips_the_same_steps():
+    """mixed_float16 under XLA: the loss-scale controller and the guard's lookup of a bad tensor (in a tf.cond,
+    whose branches XLA may both evaluate) compile, and skip and halve on the same steps as the plain step."""
+    trainers = [run(jit_compile=jit, dropout=False, optimizer=SGD(0.1), precision="mixed_float16",
+                    callbacks=[HugeLossScale()])[2] for jit in (False, True)]
+    scale, good_steps = ([int(getattr(trainer.runner.loss_scale, name).numpy()) for trainer in trainers]
+                         for name in ("scale", "good_steps"))
+    # Both: 3 overflowing steps skipped (2^20 -> 2^17), the 13 others applied, and nothing for the NaN guard.
+    assert scale == [2 ** 17] * 2 and good_steps == [13] * 2
+    assert [int(trainer.runner.bad_step.numpy()) for trainer in trainers] == [-1, -1]
 
 
 def test_a_strategy_with_several_replicas_is_refused():
