@@ -67,8 +67,16 @@ def batch_specs(element_spec):
 
 
 def _finite_flags(tensors):
-    """[k] bool: is every element of tensors[i] finite."""
-    return tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
+    """[k] bool: is every element of tensors[i] finite.
+
+    Two stages. An inf or a NaN anywhere in t makes sum(t) inf or NaN, so a finite sum(t) clears t in one
+    read: the usual step costs one sum per tensor. A sum that is not finite may also be finite values
+    overflowing it, so only then are the elements checked one by one, which gives the exact flags.
+    """
+    sums = tf.stack([tf.cast(tf.reduce_sum(tensor), tf.float32) for tensor in tensors])
+    cleared = tf.math.is_finite(sums)
+    return tf.cond(tf.reduce_all(cleared), lambda: cleared,
+                   lambda: tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors]))
 
 
 def _first_false(flags):

@@ -321,6 +321,19 @@ def test_steps_per_loop_changes_no_numbers_and_cuts_loops_at_log_points(monkeypa
     assert [entry["step"] for entry in five_per_call[2]] == [6, 12]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_finiteness_flags_are_exact_when_finite_values_overflow_the_sum(compiled):
+    """The guard's first stage sums each tensor; a sum of finite values that overflows (3e38 + 3e38) or of
+    opposite infinities (NaN) must come back as the elements' own answer."""
+    from core.runner import _finite_flags
+
+    tensors = [tf.constant([3e38, 3e38, -1.0]), tf.constant([1.0, np.nan]), tf.constant([np.inf, -np.inf]),
+               tf.constant([[0.5, -2.0]]), tf.constant(-np.inf), tf.constant([-3e38, -3e38])]
+    flags = (tf.function(_finite_flags) if compiled else _finite_flags)(tensors)
+    assert flags.numpy().tolist() == [True, False, False, True, False, True]
+    assert _finite_flags(tensors[3:4]).numpy().tolist() == [True]
+
+
 def test_nan_guard_inside_one_long_loop():
     """All 8 steps of an epoch in one call: the step-6 overflow is recorded there, steps 7 and 8 do nothing,
     and the epoch end reports it."""
