@@ -208,7 +208,9 @@ def make_config(values, registry=None):
     if config.gradients == "by_hand" and config.precision != "float32":
         raise FlagError(f"--gradients=by_hand works in float32 only, not with --precision={config.precision}")
     if config.jit_compile and config.strategy != "default":
-        raise FlagError(f"--jit_compile compiles the step of one replica; drop it or --strategy={config.strategy}")
+        if "jit_compile" in given:
+            raise FlagError(f"--jit_compile compiles the step of one replica; drop it or --strategy={config.strategy}")
+        config = dataclasses.replace(config, jit_compile=False)  # the model's default compiles one replica only
     return config
 
 
@@ -236,8 +238,9 @@ def describe_training(config):
     steps = f", {config.steps_per_epoch} steps per epoch" if config.steps_per_epoch else ""
     dropout = f", dropout {config.dropout:g}" if config.dropout else ", no dropout"
     by_hand = ", gradients by hand" if config.gradients == "by_hand" else ""
+    xla = ", step compiled by XLA" if config.jit_compile else ""
     return (f"{config.optimizer} {describe_schedule(config)}, batch {config.batch_size}, "
-            f"{plural(config.epochs, 'epoch')}{steps}{dropout}{by_hand}")
+            f"{plural(config.epochs, 'epoch')}{steps}{dropout}{by_hand}{xla}")
 
 
 def list_models(registry):

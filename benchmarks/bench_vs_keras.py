@@ -3,10 +3,10 @@
     python benchmarks/bench_vs_keras.py                        # the table, input path, epoch ends, matmul peak
     python benchmarks/bench_vs_keras.py --time_to_accuracy     # also wall time to 99.0% (conv), 99.4% (conv_bn)
     python benchmarks/bench_vs_keras.py --cases=conv --steps=100 --rounds=2     # a quick look
-    python benchmarks/bench_vs_keras.py --jit_compile --noextras   # ours with train.py --jit_compile
+    python benchmarks/bench_vs_keras.py --nojit_compile --noextras   # ours without XLA for every model
 
 Step time: each case builds our model (trained by core.trainer.Trainer.fit, as train.py does, with the
-default --steps_per_loop) and its Keras twin (tests/keras_twins.py, compiled with Keras's defaults: no XLA
+default --steps_per_loop and the model's --jit_compile: XLA for the dense models) and its Keras twin (tests/keras_twins.py, compiled with Keras's defaults: no XLA
 on a CPU, one step per call). Both first run one untimed round (tracing, warm-up); then `--rounds` rounds
 alternate ours and Keras on the same batches, and the best round of each counts: on a shared machine the
 best round is the least disturbed one. A round times two fit() calls of one side, of 20 and 20 + `--steps`
@@ -59,8 +59,8 @@ flags.DEFINE_list("cases", list(CASES), f"Cases of the table: {', '.join(CASES)}
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per side (alternated); the best counts.")
 flags.DEFINE_integer("steps_per_loop", None, "Our steps per compiled call (default: the trainer's).")
-flags.DEFINE_bool("jit_compile", False, "Our step compiled with XLA, as train.py --jit_compile (Keras keeps its "
-                  "default: no XLA on a CPU).")
+flags.DEFINE_bool("jit_compile", None, "Our step compiled with XLA or not, for every case (default: each model's "
+                  "setting, as train.py). Keras keeps its default: no XLA on a CPU.")
 flags.DEFINE_bool("extras", True, "Also measure the input path, the epoch-end work and the matmul peak.")
 flags.DEFINE_bool("time_to_accuracy", False, "Also train conv and conv_bn (ours and Keras, same settings) "
                   "until their test accuracy target; long.")
@@ -128,6 +128,11 @@ def settings(name):
     return REGISTRY[name].defaults
 
 
+def compiled(name):
+    """Whether our step for model `name` is compiled with XLA: --jit_compile if given, else the model's default."""
+    return settings(name)["jit_compile"] if FLAGS.jit_compile is None else FLAGS.jit_compile
+
+
 class OneBatch:
     """A batch source (like data.GatheredBatches) that gives the same batch every step: no input work at all."""
 
@@ -166,8 +171,7 @@ class Ours:
         options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
         if precision != "float32":
             options["precision"] = precision
-        if FLAGS.jit_compile:
-            options["jit_compile"] = True
+        options["jit_compile"] = compiled(name)
         if precision == "float32":  # as train.py: TensorBoard shows the last step's gradients
             self.last_gradients = LastGradients(self.model)
             options["compute_gradients"] = self.last_gradients.recording(tape_gradients)
@@ -395,8 +399,8 @@ def main(argv):
                      f"{peaks['bfloat16'] / peaks['float32']:.2f})")
         print(lines[-1], flush=True)
 
-    table = ["| model, batch | ours ms/step | Keras ms/step | ours / Keras | target | rounds ours | rounds Keras |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    table = ["| model, batch | ours XLA | ours ms/step | Keras ms/step | ours / Keras | target | rounds ours | "
+             "rounds Keras |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     extras = ["| model, batch | ms/step: gathered in the loop | tf.data | one cached batch | input cost | "
               "epoch end s (evaluation, TensorBoard, checkpoint) | epoch s | epoch end share | share of matmul peak |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -405,7 +409,8 @@ def main(argv):
         label, name, batch, precision, _ = case
         times, ours, source = step_times(tf, data, train, case, FLAGS.seed, FLAGS.steps, FLAGS.rounds)
         mine, theirs = min(times["ours"]), min(times["keras"])
-        table.append(f"| {label} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} | <= {TARGETS[key]} | "
+        table.append(f"| {label} | {'yes' if compiled(name) else 'no'} | {mine:.2f} | {theirs:.2f} | "
+                     f"{mine / theirs:.2f} | <= {TARGETS[key]} | "
                      f"{', '.join(f'{t:.2f}' for t in times['ours'])} | "
                      f"{', '.join(f'{t:.2f}' for t in times['keras'])} |")
         print(table[-1], flush=True)

@@ -130,9 +130,10 @@ class TrainingConfig:
                              "mixed_float16 (float32 weights and optimizer slots, the step in 16 bits; float16 "
                              "with dynamic loss scaling). Fast only where the hardware has 16-bit units.",
                              math=True, choices=("float32", "mixed_bfloat16", "mixed_float16"))
-    jit_compile: bool = setting(False, "Compile the training step with XLA (fused kernels): faster for the dense "
-                                "models on CPU (benchmarks/RESULTS.md). One replica only. It rounds differently "
-                                "and draws other dropout masks, so a run keeps its choice.", math=True)
+    jit_compile: bool = setting(False, "Compile the training step with XLA (fused kernels); the dense models do by "
+                                "default, 30-40% faster on CPU (benchmarks/RESULTS.md). One replica only: a "
+                                "model's default yields to --strategy. It rounds differently and draws other "
+                                "dropout masks, so a run keeps its choice.", math=True, per_model=True)
     progress: bool = setting(True, "Show a progress bar per epoch (on a terminal).")
 
     def __post_init__(self):

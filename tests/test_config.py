@@ -32,12 +32,27 @@ def test_models_declare_only_what_differs():
     for name, spec in REGISTRY.items():
         for key, value in spec.settings.items():
             assert value != getattr(defaults, key), f"{name} repeats the default {key}={value!r}"
-    assert REGISTRY["dense"].settings == {"summaries_every_epochs": 2}  # the codelab's step uses the defaults
+    # The codelab's step uses the defaults; the rest is how this framework shows and runs it.
+    assert REGISTRY["dense"].settings == {"summaries_every_epochs": 2, "jit_compile": True}
     assert REGISTRY["conv"].defaults["batch_size"] == 128 and REGISTRY["conv"].defaults["dropout"] == 0.5
     with pytest.raises(ValueError, match=r"\['log_every'\] are not per-model settings"):
         ModelSpec(build=None, description="", target="", source="", settings={"log_every": 5})
     with pytest.raises(SettingError, match="dropout must be in"):
         ModelSpec(build=None, description="", target="", source="", settings={"dropout": 1.5})
+
+
+def test_the_dense_models_default_to_xla_except_under_a_strategy():
+    jit = {name: train.make_config({"model": name}).jit_compile for name in REGISTRY}
+    assert [name for name, on in jit.items() if on] == ["dense_sigmoid", "dense", "dense_decay", "dense5"]
+    assert not train.make_config({"model": "dense5", "jit_compile": False}).jit_compile
+    assert train.make_config({"model": "conv", "jit_compile": True}).jit_compile
+    assert train.describe_training(train.make_config({"model": "dense5"})).endswith(", step compiled by XLA")
+    assert "XLA" not in train.describe_training(train.make_config({"model": "conv"}))
+    # The model's default yields to a strategy (XLA compiles one replica's step); the flag does not.
+    assert not train.make_config({"model": "dense5", "strategy": "mirrored"}).jit_compile
+    with pytest.raises(train.FlagError, match=r"--jit_compile compiles the step of one replica; drop it or "
+                                               r"--strategy=multi_worker"):
+        train.make_config({"model": "dense5", "strategy": "multi_worker", "jit_compile": True})
 
 
 def test_resume_keys_and_hparams_come_from_the_fields():
