@@ -84,22 +84,24 @@ class GatheredBatches(tf.Module):
         source.start(epoch, skip=0)                      # eagerly: the epoch's order, from (seed, epoch)
         images, labels = next(source)                    # in a tf.function: the next batch
 
-    For data that fits in memory. The epoch's order is the same permutation, cut into the same rows, as
-    training_batches(dataset, batch_size, seed, epoch), and next() computes the same gather and the same
-    x = pixel / 255, so the batches are bit-identical and start(epoch, k) continues an epoch after k
-    batches. A compiled loop that calls next() n times reads n rows of the order and gathers n batches
+    For data that fits in memory. uint8 pixels are converted once, here, to x = pixel / 255 (4 bytes a value:
+    188 MB for MNIST's 60,000 images, against 47 MB as uint8): the exact conversion measured ~0.1 ms a batch
+    of 100, a fifth of the softmax step, and a gather of float rows half of that. The epoch's order is the same
+    permutation, cut into the same rows, as training_batches(dataset, batch_size, seed, epoch), and x is the
+    same correctly rounded pixel / 255, so the batches are bit-identical and start(epoch, k) continues an epoch
+    after k batches. A compiled loop that calls next() n times reads n rows of the order and gathers n batches
     without any element crossing from tf.data into the step (no iterator, no prefetch threads).
     """
 
     def __init__(self, dataset, batch_size, seed):
         super().__init__(name="gathered_batches")
-        self.images, self.labels = _checked_tensors(dataset, batch_size)
+        images, self.labels = _checked_tensors(dataset, batch_size)
+        self.images = _as_float(images)
         self.size = int(self.labels.shape[0])
         self.batch_size = batch_size
         self.seed = seed
         self.steps = self.size // batch_size
-        image_dtype = tf.float32 if self.images.dtype == tf.uint8 else self.images.dtype
-        self.element_spec = (tf.TensorSpec([batch_size] + self.images.shape[1:].as_list(), image_dtype),
+        self.element_spec = (tf.TensorSpec([batch_size] + self.images.shape[1:].as_list(), self.images.dtype),
                              tf.TensorSpec([batch_size], self.labels.dtype))
         self.order = tf.Variable(tf.zeros([self.steps, batch_size], tf.int32), trainable=False, name="order")
         self.position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
@@ -123,8 +125,7 @@ class GatheredBatches(tf.Module):
 
 
 def _gather(images, labels, indices):
-    """The batch of the example indices [B]: (x = images[indices] / 255 as float, labels[indices]); one function
-    for both batch sources, so their batches are the same bits."""
+    """The batch of the example indices [B]: (x = images[indices] / 255 as float, labels[indices])."""
     return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
 
 
