@@ -112,8 +112,8 @@ class Runner(tf.Module):
         have been constructed under its scope; the runner creates its own variables there.
       precision: "float32", or "mixed_bfloat16" / "mixed_float16": float32 weights and optimizer slots, the
         training step computed in 16 bits (core/precision.py); float16 also scales the loss (`loss_scale`).
-      jit_compile: compile `train_step` with XLA, which fuses its element-wise ops into fewer kernels (one
-        replica only). The same math, rounded otherwise; Dropout's generator draws XLA's random bits, so the
+      jit_compile: compile `train_step` and `eval_step` with XLA, which fuses their element-wise ops into fewer
+        kernels (one replica only). The same math, rounded otherwise; Dropout's generator draws XLA's random bits, so the
         masks differ from an uncompiled run's (still a function of the seed and the step).
     """
 
@@ -136,7 +136,8 @@ class Runner(tf.Module):
         if jit_compile and self.strategy.num_replicas_in_sync > 1:
             raise ValueError("jit_compile compiles the step of one replica; a strategy with "
                              f"{self.strategy.num_replicas_in_sync} replicas runs it uncompiled")
-        self.step = tf.function(self.train_step, jit_compile=True) if jit_compile else self.train_step
+        compiled = (lambda step: tf.function(step, jit_compile=True)) if jit_compile else (lambda step: step)
+        self.step, self.evaluation_step = compiled(self.train_step), compiled(self.eval_step)
         self.train = tf.function(self._train)
         self.evaluate = tf.function(self._evaluate)
         self.built = False
@@ -210,7 +211,7 @@ class Runner(tf.Module):
     def _evaluate(self, iterator):
         """Adds every remaining batch of `iterator` to the eval metrics (reset by the caller)."""
         for batch in iterator:
-            self.strategy.run(self.eval_step, args=(batch,))
+            self.strategy.run(self.evaluation_step, args=(batch,))
 
     def settle_moving_statistics(self):
         """Gives every replica's copy of each ON_READ variable (BatchNorm's moving statistics) their mean, so that
