@@ -62,19 +62,19 @@ REGISTRY = {
         target=">= 92% test accuracy"),
     "dense_sigmoid": ModelSpec(
         build=dense.dense_sigmoid,
-        settings=dict(optimizer="sgd", learning_rate=0.01, summaries_every_epochs=2, jit_compile=True),
+        settings=dict(optimizer="sgd", learning_rate=0.01, summaries_every_epochs=5, jit_compile=True),
         source=f"{CODELAB} s.6 (first try with more layers: sigmoid, 'sgd', batch 128)",
         description="784 -> 200 -> 60 -> 10, sigmoid hidden layers (the lesson: sigmoid + SGD stalls)",
         target="report it (the lesson: it trains far slower than dense)"),
     "dense": ModelSpec(
         build=dense.dense,
-        settings=dict(summaries_every_epochs=2, jit_compile=True),
+        settings=dict(summaries_every_epochs=5, jit_compile=True),
         source=f"{CODELAB} s.7 (keras_02: ReLU, 'adam' = lr 0.001, batch 128)",
         description="784 -> 200 -> 60 -> 10, ReLU hidden layers",
         target=">= 97.5% test accuracy"),
     "dense_decay": ModelSpec(
         build=dense.dense_decay,
-        settings=dict(learning_rate=0.01, lr_decay=0.6, dropout=0.25, summaries_every_epochs=2,
+        settings=dict(learning_rate=0.01, lr_decay=0.6, dropout=0.25, summaries_every_epochs=5,
                       jit_compile=True),
         source=f"{CODELAB} s.8-9 (keras_03: lr 0.01 * 0.6^epoch, dropout 0.25)",
         description="784 -> 200 -> 100 -> 60 -> 10 ReLU, dropout after each hidden layer; "
@@ -104,7 +104,7 @@ REGISTRY = {
         target=">= 99.5% test accuracy"),
     "dense5": ModelSpec(
         build=dense.dense5,
-        settings=dict(batch_size=100, learning_rate=0.003, lr_decay=0.8, summaries_every_epochs=2,
+        settings=dict(batch_size=100, learning_rate=0.003, lr_decay=0.8, summaries_every_epochs=5,
                       jit_compile=True),
         source=f"{PRACTICAL} s.7 (ReLU + Adam 0.003, batch 100; s.8 adds dropout 0.25 with "
                "lr 0.005); decay 0.8^epoch stands for the practical's Keras decay=0.001",
