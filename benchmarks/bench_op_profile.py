@@ -4,11 +4,13 @@
     python benchmarks/bench_op_profile.py --cases=conv --steps=20
 
 Each case builds our side and Keras's exactly as benchmarks/bench_vs_keras.py does (same model, batch, seed;
-ours gathered in the compiled loop, Keras's model.fit on tf.data), trains a few untimed steps, then runs
-`--steps` steps of each under TensorFlow's profiler, `--rounds` times alternated, and sums each op type's self
-time (what its kernel ran, on every thread) per step in each side's round of least wall time. The sums are CPU milliseconds per step: with two cores they may exceed the wall
-time, and they leave out the time no op runs. The table shows why a ratio is what it is: when the same
-kernels (the convolutions) take nearly all of both sides' time, no loop or Python overhead is left to win.
+ours gathered in the compiled loop, Keras's model.fit on tf.data), but our step runs op by op even for the
+models that default to XLA: an XLA cluster's kernels have no op types in the profile (`--jit_compile` shows
+that). Both train a few untimed steps, then run `--steps` steps each under TensorFlow's profiler, `--rounds`
+times alternated, and each op type's self time (what its kernel ran, on every thread) is summed per step in
+each side's round of least wall time. The sums are CPU milliseconds per step: with two cores they may exceed
+the wall time, and they leave out the time no op runs. The table shows why a ratio is what it is: when the
+same kernels (the convolutions) take nearly all of both sides' time, no loop or Python overhead is left to win.
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
 import collections
@@ -38,6 +40,7 @@ SHOWN = 12  # op types per table, the largest on either side; the rest are summe
 FLAGS = flags.FLAGS
 FLAGS.set_default("cases", ["conv", "conv_bn", "dense5", "softmax"])
 FLAGS.set_default("steps", 30)
+FLAGS.set_default("jit_compile", False)  # an XLA-compiled step runs as one cluster, which has no op types
 
 
 def op_self_times(tf, fit, steps):
