@@ -670,9 +670,9 @@ def gradient_function(config):
 def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, gradients):
     """[TensorBoard callback] writing into run_dir: scalars each epoch, histograms and pictures of the first
     1,000 test images every config.summaries_every_epochs-th epoch, the last step's gradients (`gradients`, a
-    LastGradients, or None), the graph,
-    the hparams, and at the end curves.png, learning_rate.png, predictions.png (layout: app/summaries.py);
-    printed digits too when the data set is handwritten digits of its own shape."""
+    LastGradients, or None), the graph, the hparams, and at the end curves.png, learning_rate.png,
+    predictions.png (layout: app/summaries.py); printed digits too when the data set is handwritten digits of
+    its own shape."""
     import datasets
     from app.summaries import TensorBoard
     sample_images, sample_labels = next(iter(test.batch(1000)))

@@ -5,24 +5,23 @@
     python benchmarks/bench_vs_keras.py --cases=conv --steps=100 --rounds=2     # a quick look
     python benchmarks/bench_vs_keras.py --nojit_compile --noextras   # ours without XLA for every model
 
-Step time: each case builds our model (trained by core.trainer.Trainer.fit, as train.py does, with the
-default --steps_per_loop and the model's --jit_compile: XLA for the dense models) and its Keras twin (tests/keras_twins.py, compiled with Keras's defaults: no XLA
-on a CPU, one step per call). Both first run one untimed round (tracing, warm-up); then `--rounds` rounds
-alternate ours and Keras on the same batches, and the best round of each counts: on a shared machine the
-best round is the least disturbed one. A round times two fit() calls of one side, of 20 and 20 + `--steps`
-steps (each a new epoch, the same on both sides); ms/step is the difference over `--steps`, so fit()'s
-fixed cost (a new iterator, callbacks, the epoch's end) counts on neither side: the steady step time.
+Step time: each case builds our model (trained by core.trainer.Trainer.fit, as train.py does, with the default
+--steps_per_loop and the model's --jit_compile: XLA for the dense models) and its Keras twin (tests/keras_twins.py,
+compiled with Keras's defaults: no XLA on a CPU, one step per call). Both first run one untimed round (tracing,
+warm-up); then `--rounds` rounds alternate ours and Keras on the same batches, and the best round of each counts:
+on a shared machine the best round is the least disturbed one. A round times two fit() calls of one side, of 20 and
+20 + `--steps` steps (each a new epoch, the same on both sides); ms/step is the difference over `--steps`, so
+fit()'s fixed cost (a new iterator, callbacks, the epoch's end) counts on neither side: the steady step time.
 
-Ours reads its batches as train.py does (data.GatheredBatches: gathered inside the compiled loop), Keras the
-same batches from data.training_batches (tf.data). Input path: our step time fed by the real pipeline against
-fed the same batch every step (no input work at all); the gap is what the input costs a step (target <= 5%;
-the median over rounds of each back-to-back pair's ratio); the tf.data column is our step fed by
-training_batches instead. Epoch end: evaluation of the 10,000 test
-images, TensorBoard (scalars; histograms and images every summaries_every_epochs-th epoch, so the mean over
-that cycle) and one checkpoint, against an epoch of the model's default steps at the measured step time
-(target <= 10%). Our side records the last step's gradients for TensorBoard, as train.py does. Peak: the
-best GFLOP/s of a large tf.matmul in float32 and bfloat16; each model's share is its training FLOPs per
-second (3 x the forward pass's multiply-adds x 2) over it.
+Ours reads its batches as train.py does (data.GatheredBatches: gathered inside the compiled loop), Keras the same
+batches from data.training_batches (tf.data). Input path: our step time fed by the real pipeline against fed the
+same batch every step (no input work at all); the gap is what the input costs a step (target <= 5%; the median over
+rounds of each back-to-back pair's ratio); the tf.data column is our step fed by training_batches instead. Epoch
+end: evaluation of the 10,000 test images, TensorBoard (scalars; histograms and images every
+summaries_every_epochs-th epoch, so the mean over that cycle) and one checkpoint, against an epoch of the model's
+default steps at the measured step time (target <= 10%). Our side records the last step's gradients for
+TensorBoard, as train.py does. Peak: the best GFLOP/s of a large tf.matmul in float32 and bfloat16; each model's
+share is its training FLOPs per second (3 x the forward pass's multiply-adds x 2) over it.
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
 import os

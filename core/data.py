@@ -84,10 +84,10 @@ class GatheredBatches(tf.Module):
         source.start(epoch, skip=0)                      # eagerly: the epoch's order, from (seed, epoch)
         images, labels = next(source)                    # in a tf.function: the next batch
 
-    For data that fits in memory. uint8 pixels are converted once, here, to x = pixel / 255 (4 bytes a value:
-    188 MB and ~0.5 s for MNIST's 60,000 images, against 47 MB as uint8): the exact conversion measured ~0.1 ms
-    a batch of 100 in the loop, a fifth of the softmax step, and a gather of float rows half of that. The epoch's order is the same
-    permutation, cut into the same rows, as training_batches(dataset, batch_size, seed, epoch), and x is the
+    For data that fits in memory. uint8 pixels are converted once, here, to x = pixel / 255 (4 bytes a value: 188 MB
+    and ~0.5 s for MNIST's 60,000 images, against 47 MB as uint8): the exact conversion measured ~0.1 ms a batch of
+    100 in the loop, a fifth of the softmax step, and a gather of float rows half of that. The epoch's order is the
+    same permutation, cut into the same rows, as training_batches(dataset, batch_size, seed, epoch), and x is the
     same correctly rounded pixel / 255, so the batches are bit-identical and start(epoch, k) continues an epoch
     after k batches. A compiled loop that calls next() n times reads n rows of the order and gathers n batches
     without any element crossing from tf.data into the step (no iterator, no prefetch threads).
@@ -125,7 +125,8 @@ class GatheredBatches(tf.Module):
 
 
 def _gather(images, labels, indices):
-    """The batch of the example indices [B]: (x = images[indices] / 255 as float, labels[indices])."""
+    """The batch of the example indices [B]: (x = images[indices] / 255 as float, labels[indices]); one function
+    for both batch sources (uint8 or float images), so their batches are the same bits."""
     return _as_float(tf.gather(images, indices)), tf.gather(labels, indices)
 
 

@@ -113,8 +113,8 @@ class Runner(tf.Module):
       precision: "float32", or "mixed_bfloat16" / "mixed_float16": float32 weights and optimizer slots, the
         training step computed in 16 bits (core/precision.py); float16 also scales the loss (`loss_scale`).
       jit_compile: compile `train_step` and `eval_step` with XLA, which fuses their element-wise ops into fewer
-        kernels (one replica only). The same math, rounded otherwise; Dropout's generator draws XLA's random bits, so the
-        masks differ from an uncompiled run's (still a function of the seed and the step).
+        kernels (one replica only). The same math, rounded otherwise; Dropout's generator draws XLA's random
+        bits, so the masks differ from an uncompiled run's (still a function of the seed and the step).
     """
 
     def __init__(self, model, optimizer, loss_fn=softmax_cross_entropy, compute_gradients=tape_gradients,
