@@ -17,12 +17,39 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 
 
+def find_mnist():
+    """Where the tests read real MNIST, as train.py finds it: $TF_BY_HAND_DATA_DIR, then ../shared/mnist.
+    Returns (directory or None, the places looked in)."""
+    places = [Path(os.environ["TF_BY_HAND_DATA_DIR"])] if os.environ.get("TF_BY_HAND_DATA_DIR") else []
+    places.append(SHARED_MNIST)
+    found = next((place for place in places if (place / "train-images-idx3-ubyte.gz").exists()), None)
+    return found, places
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under CI=true, a missing MNIST stops the run before any test, with one line, when a collected test
+    needs it (instead of one failure per test)."""
+    if os.environ.get("CI", "").lower() != "true" or find_mnist()[0] is not None:
+        return
+    needing = [item for item in items if "mnist_dir" in getattr(item, "fixturenames", ())]
+    if needing:
+        raise pytest.UsageError(f"{missing_mnist_message()}: {len(needing)} tests need it, and CI=true")
+
+
+def missing_mnist_message():
+    return f"real MNIST not found in {' or '.join(map(str, find_mnist()[1]))} (set TF_BY_HAND_DATA_DIR=DIR)"
+
+
 @pytest.fixture(scope="session")
 def mnist_dir():
-    """The directory holding the four gzipped MNIST IDX files (../shared/mnist)."""
-    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
-    return str(SHARED_MNIST)
+    """The directory holding the four gzipped MNIST IDX files. Missing, the test is skipped, except under
+    CI=true, where it fails: CI must not pass by skipping what it was meant to check."""
+    found = find_mnist()[0]
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(missing_mnist_message(), pytrace=False)
+        pytest.skip(missing_mnist_message())
+    return str(found)
 
 
 @pytest.fixture(scope="session")
