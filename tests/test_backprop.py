@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from core import backprop, layers, losses
+from models import REGISTRY
 
 TOLERANCE = {tf.float64: 1e-10, tf.float32: 1e-5}
 
@@ -312,11 +313,9 @@ def _random_state(model):
     return restore, moving
 
 
-@pytest.mark.parametrize("name", ["softmax", "dense_sigmoid", "dense", "dense_decay", "conv", "conv_bn", "conv_bn_big",
-                                  "dense5", "conv_small"])
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_model_by_hand_step_equals_the_tape_step_on_mnist(name, mnist_batch):
     from core.runner import tape_gradients
-    from models import REGISTRY
 
     tf.random.set_seed(1)
     spec = REGISTRY[name]
@@ -347,7 +346,6 @@ def test_trainer_with_the_by_hand_gradients_follows_the_tape_in_its_compiled_ste
     from core import data, optimizers
     from datasets import idx
     from core.trainer import Trainer
-    from models import REGISTRY
 
     train = idx.load(mnist_dir, "train").take(96).cache()
     weights = {}
