@@ -34,10 +34,12 @@ from tqdm import tqdm
 
 from core.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointUnreadableError
 from core.config import TrainingConfig
+from core.early_stopping import EarlyStopping
 from core.losses import softmax_cross_entropy
 from core.runner import Runner, tape_gradients
 
-__all__ = ["Trainer", "History", "Callback", "NonFiniteError", "CheckpointMismatchError", "CheckpointUnreadableError"]
+__all__ = ["Trainer", "History", "Callback", "EarlyStopping", "NonFiniteError", "CheckpointMismatchError",
+           "CheckpointUnreadableError"]
 
 
 class NonFiniteError(RuntimeError):
@@ -79,12 +81,16 @@ class History:
     steps:  [{"step", "loss", "accuracy", "learning_rate"}] at each log point, loss and accuracy being
             the means over the steps since the previous log point;
     epochs: [{"epoch", "step", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"}]
-            with the epoch's mean training loss and accuracy (val_* only when there is validation data).
+            with the epoch's mean training loss and accuracy (val_* only when there is validation data);
+    stopped: why and when fit() ended: {"reason": "epochs" | "early_stopping" | "stopped", "epoch"} (the last
+            completed epoch), with early stopping also its "metric", "best", "best_epoch", "patience",
+            "stopped_epoch", "restore_best" and "restored" (whether the model now holds the best epoch's weights).
     """
 
     def __init__(self, steps=None, epochs=None):
         self.steps = list(steps or [])
         self.epochs = list(epochs or [])
+        self.stopped = None
 
     def to_json(self):
         return json.dumps({"steps": self.steps, "epochs": self.epochs})
@@ -129,6 +135,8 @@ class Trainer:
       checkpoint_write_dir: where this process writes checkpoints (default: checkpoint_dir).
       precision: float32, mixed_bfloat16 or mixed_float16 (core/precision.py).
       jit_compile: compile the step with XLA (one replica only).
+      early_stopping: an EarlyStopping (patience, metric, restore_best); its state goes into the checkpoints,
+        so a run started with one must be resumed with one of the same kind.
     Defaults come from core.config.TrainingConfig.
     """
 
@@ -137,13 +145,15 @@ class Trainer:
                  keep_checkpoints=TrainingConfig.keep_checkpoints, progress=TrainingConfig.progress,
                  steps_per_loop=TrainingConfig.steps_per_loop, compute_gradients=tape_gradients, strategy=None,
                  checkpoint_write_dir=None, precision=TrainingConfig.precision,
-                 jit_compile=TrainingConfig.jit_compile):
+                 jit_compile=TrainingConfig.jit_compile, early_stopping=None):
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, none_ok=True)
         if checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         _check_positive("keep_checkpoints", keep_checkpoints)
         _check_positive("steps_per_loop", steps_per_loop)
+        if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+            raise ValueError(f"early_stopping must be an EarlyStopping, got {type(early_stopping).__name__}")
         self.runner = Runner(model, optimizer, loss_fn, compute_gradients, strategy, precision, jit_compile)
         self.model = model
         self.optimizer = optimizer
@@ -155,6 +165,7 @@ class Trainer:
         self.keep_checkpoints = keep_checkpoints
         self.progress = progress
         self.steps_per_loop = steps_per_loop
+        self.early_stopping = early_stopping
         # Where the run is (the runner's variables, read at log points and epoch ends).
         self.epoch = self.runner.epoch
         self.step_in_epoch = self.runner.step_in_epoch
@@ -190,6 +201,8 @@ class Trainer:
             return
         runner = self.runner
         extra = {} if runner.loss_scale is None else {"loss_scale": runner.loss_scale}
+        if self.early_stopping is not None:
+            extra["early_stopping"] = self.early_stopping
         self.checkpointer = Checkpointer(
             self.checkpoint_dir, keep=self.keep_checkpoints, write_directory=self.checkpoint_write_dir,
             model=self.model, optimizer=self.optimizer,
@@ -251,6 +264,9 @@ class Trainer:
         """
         _check_positive("epochs", epochs)
         _check_positive("steps_per_epoch", steps_per_epoch, none_ok=True)
+        stopping = self.early_stopping
+        if stopping is not None and stopping.metric.startswith("val_") and validation_data is None:
+            raise ValueError(f"early stopping on {stopping.metric} needs validation_data")
         source = train_data if hasattr(train_data, "start") else None
         if source is not None and self.runner.strategy.num_replicas_in_sync > 1:
             raise ValueError("a batch source gathered inside the loop feeds one replica; under a strategy with "
@@ -259,6 +275,8 @@ class Trainer:
         runner = self.runner
         spec = source.element_spec if source is not None else self._dataset(epoch_data, 0).element_spec
         self.concrete_steps["train"] = runner.prepare(spec, "train", source=source)
+        if stopping is not None:
+            stopping.watch(self.model, runner.strategy)
         self._open_checkpoints()
         if validation_data is not None:
             self.concrete_steps["eval"] = runner.prepare(validation_data.element_spec, "eval")
@@ -267,7 +285,8 @@ class Trainer:
 
         step = int(self.optimizer.step.numpy())
         skip = int(runner.step_in_epoch.numpy())
-        for epoch in range(int(runner.epoch.numpy()), epochs):
+        first = epochs if stopping is not None and stopping.stopped else int(runner.epoch.numpy())
+        for epoch in range(first, epochs):
             iterator, total = self._batches(source, epoch_data, epoch, steps_per_epoch, skip)
             if not skip:
                 runner.train_loss.reset()
@@ -298,14 +317,29 @@ class Trainer:
                     self.save(epoch, step_in_epoch)
                     break
                 record = self._end_epoch(epoch, step, validation_data, started)
+                if stopping is not None and stopping.update(epoch + 1, record):
+                    self.stop_training = True
             finally:
                 bar.close()
             self.save(epoch + 1, 0)
             self._call("on_epoch_end", epoch + 1, step, record)
             if self.stop_training:
                 break
+        self.history.stopped = self._why_stopped(epochs)
         self._call("on_train_end", self, self.history)
         return self.history
+
+    def _why_stopped(self, epochs):
+        """History.stopped; restores the best epoch's weights when early stopping was asked to and the run
+        ended (a run stopped from outside keeps its last weights, which its checkpoint holds)."""
+        stopping = self.early_stopping
+        done = int(self.runner.epoch.numpy())
+        reason = ("early_stopping" if stopping is not None and stopping.stopped else
+                  "epochs" if done >= epochs and not self.stop_training else "stopped")
+        record = {"reason": reason, "epoch": done}
+        if stopping is not None:
+            record.update(stopping.summary(), restored=reason != "stopped" and stopping.restore())
+        return record
 
     def _end_epoch(self, epoch, step, validation_data, started):
         runner = self.runner
