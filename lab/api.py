@@ -1,0 +1,175 @@
+"""Train the codelab's networks from Python: the data, the settings, the model, fit and evaluate.
+
+    from lab import mnist, settings, build, fit, evaluate
+    data = mnist()                                   # found as train.py finds it (see mnist())
+    config = settings("dense", epochs=5)             # the model's codelab settings, with changes
+    model = build("dense", config, data)             # seeded, built for the data's image shape
+    history = fit(model, data, config)               # History: history.epochs, history.stopped
+    evaluate(model, data.test)                       # {"loss": ..., "accuracy": ...}
+
+fit() runs the same pieces train.py runs (core.trainer.Trainer over data.GatheredBatches, the learning-rate
+rule lr(step) = lr_min + learning_rate * lr_decay ^ (step / k), Adam or SGD), with no run directory; given a
+checkpoint_dir it saves there and resumes from it exactly, as train.py does in <run dir>/checkpoints.
+"""
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+import datasets
+from core import backprop, data as batches, optimizers, schedules
+from core.config import TrainingConfig
+from core.early_stopping import EarlyStopping
+from core.losses import softmax_cross_entropy
+from core.runner import tape_gradients
+from core.trainer import Trainer
+from datasets import idx
+from models import REGISTRY
+
+__all__ = ["Data", "DataNotFound", "mnist", "settings", "build", "fit", "evaluate", "predictions",
+           "learning_rate_schedule", "make_optimizer"]
+
+HOLDOUT_EXAMPLES = 5000
+
+
+class DataNotFound(RuntimeError):
+    """The data set is not on this machine and cannot be downloaded; the message says, in one line, what to do.
+    Jupyter shows it as that line, without a traceback."""
+
+    def _render_traceback_(self):
+        return [f"{type(self).__name__}: {self}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """A data set's splits as per-example tf.data Datasets of (image [H, W, C] float32 in [0, 1], label int32)."""
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    image_shape: tuple
+    num_classes: int
+    directory: str
+
+
+def mnist(data_dir=None, dataset="mnist", validation="test", download=True):
+    """The data set's four IDX files, found as train.py finds them: `data_dir` (its --data_dir), else
+    $TF_BY_HAND_DATA_DIR, else the download cache ~/.cache/tf-by-hand/<dataset>, downloaded there when missing.
+
+    validation: "test" (the 10,000 test images, as the codelab) or "holdout" (the last 5,000 training images).
+    Raises DataNotFound with one line saying how to get the files.
+    """
+    if validation not in ("test", "holdout"):
+        raise ValueError(f"validation must be 'test' or 'holdout', got {validation!r}")
+    try:
+        directory = datasets.prepare(data_dir, dataset, download=download, progress=False)
+        train = idx.load(directory, "train")
+        test = idx.load(directory, "test")
+        image_shape, num_classes = idx.describe(directory)
+    except idx.DataError as error:
+        raise DataNotFound(str(error)) from None
+    held_out = test
+    if validation == "holdout":
+        train, held_out = batches.split_validation(train, HOLDOUT_EXAMPLES)
+    return Data(train, held_out, test, tuple(image_shape), num_classes, directory)
+
+
+def settings(model="dense", **changes):
+    """The TrainingConfig of `model`'s codelab step (models.REGISTRY), with `changes` (any TrainingConfig field);
+    SettingError (a ValueError) names a bad value."""
+    spec = REGISTRY[model] if model in REGISTRY else _unknown(model)
+    return TrainingConfig(**{**spec.settings, **changes})
+
+
+def _unknown(model):
+    raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(REGISTRY)}")
+
+
+def build(model="dense", config=None, data=None):
+    """A fresh `model` (a name of models.REGISTRY) with its initial weights drawn from config.seed, as train.py
+    draws them, built for the data's images (MNIST's 28x28x1 in 10 classes without `data`)."""
+    config = config or settings(model)
+    spec = REGISTRY[model] if model in REGISTRY else _unknown(model)
+    image_shape, num_classes = (data.image_shape, data.num_classes) if data else ((28, 28, 1), 10)
+    tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(config.seed)
+    network = spec.build(config.dropout, num_classes=num_classes)
+    network.build((None, *image_shape))
+    return network
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """lr(step) = lr_min + learning_rate * lr_decay ^ (step / k), k = steps_per_epoch (floored) or lr_decay_steps."""
+    if config.lr_decay is None:
+        return schedules.Constant(config.learning_rate)
+    if config.lr_decay_steps == "epoch":
+        return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, steps_per_epoch, staircase=True,
+                                          minimum=config.lr_min)
+    return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, config.lr_decay_steps,
+                                      minimum=config.lr_min)
+
+
+def make_optimizer(config, schedule):
+    return {"adam": optimizers.Adam, "sgd": optimizers.SGD}[config.optimizer](schedule)
+
+
+def steps_per_epoch(config, train):
+    """config.steps_per_epoch, at most one pass over `train` (ValueError if the batch is larger than `train`)."""
+    count = int(train.cardinality())
+    full = count // config.batch_size
+    if full < 1:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {count:,} training images")
+    return min(config.steps_per_epoch or full, full)
+
+
+def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=None,
+        early_stopping_metric="val_loss", restore_best=False, gradients="tape", progress=False):
+    """Trains `model` in place on data.train, evaluating data.validation after each epoch; returns the History
+    (history.epochs: per-epoch loss, accuracy, val_loss, val_accuracy; history.stopped: why and when it ended).
+
+    callbacks: core.trainer.Callback-like objects (LiveCurves draws the curves in Jupyter).
+    checkpoint_dir: save there each epoch (and every config.checkpoint_every steps) and resume from it, exactly,
+      as train.py does; None: nothing is written.
+    early_stopping: stop after that many epochs without an improvement of `early_stopping_metric`
+      (val_loss, val_accuracy, loss, accuracy); restore_best: the model ends with the best epoch's weights.
+    gradients: "tape" (tf.GradientTape) or "by_hand" (each layer's backward pass, docs/backprop.md).
+    """
+    if gradients not in ("tape", "by_hand"):
+        raise ValueError(f"gradients must be 'tape' or 'by_hand', got {gradients!r}")
+    steps = steps_per_epoch(config, data.train)
+    schedule = learning_rate_schedule(config, steps)
+    stopping = (EarlyStopping(early_stopping, early_stopping_metric, restore_best)
+                if early_stopping or restore_best else None)
+    trainer = Trainer(model, make_optimizer(config, schedule), callbacks=list(callbacks),
+                      log_every=config.log_every, checkpoint_dir=checkpoint_dir and str(checkpoint_dir),
+                      checkpoint_every=config.checkpoint_every if checkpoint_dir else None,
+                      keep_checkpoints=config.keep_checkpoints, progress=progress,
+                      steps_per_loop=config.steps_per_loop,
+                      compute_gradients=backprop.gradients if gradients == "by_hand" else tape_gradients,
+                      precision=config.precision, jit_compile=config.jit_compile, early_stopping=stopping)
+    tf.config.experimental.enable_op_determinism()
+    return trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), config.epochs,
+                       validation_data=batches.evaluation_batches(data.validation), steps_per_epoch=steps)
+
+
+def _arrays(dataset):
+    """(images float32 [N, ...], labels int [N]) of a per-example Dataset, or of an (images, labels) pair."""
+    if isinstance(dataset, tf.data.Dataset):
+        images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset.batch(1000)])
+        return np.concatenate(images), np.concatenate(labels)
+    images, labels = dataset
+    return np.asarray(images, np.float32), np.asarray(labels)
+
+
+def predictions(model, dataset):
+    """(images, labels, predicted classes, logits) of every example of `dataset`, in inference mode."""
+    images, labels = _arrays(dataset)
+    logits = np.concatenate([model(images[i:i + 1000], training=False).numpy()
+                             for i in range(0, len(images), 1000)])
+    return images, labels, logits.argmax(axis=1), logits
+
+
+def evaluate(model, dataset):
+    """{"loss": mean cross-entropy, "accuracy"} of `model` (inference mode) over `dataset`."""
+    _, labels, predicted, logits = predictions(model, dataset)
+    loss = float(softmax_cross_entropy(tf.constant(logits), tf.constant(labels)).numpy())
+    return {"loss": loss, "accuracy": float(np.mean(predicted == labels))}
