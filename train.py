@@ -101,6 +101,15 @@ class RunConfig(TrainingConfig):
     sync_batch_norm: bool = setting(False, "Under a strategy, normalize with the statistics of the global batch "
                                     "(all-reduced sum, sum of squares and count) instead of each replica's.",
                                     math=True)
+    early_stopping: int | None = setting(None, "Stop after this many epochs without an improvement of "
+                                         "--early_stopping_metric (default: train every epoch).",
+                                         _optional_positive_int, math=True, hparam=False)
+    early_stopping_metric: str = setting("val_loss", "What early stopping and --restore_best watch: the "
+                                         "validation loss or accuracy, or the epoch's training loss or accuracy.",
+                                         math=True, hparam=False,
+                                         choices=("val_loss", "val_accuracy", "loss", "accuracy"))
+    restore_best: bool = setting(False, "Test, export and report the weights of the epoch with the best "
+                                 "--early_stopping_metric, not the last epoch's.", math=True, hparam=False)
     collective_timeout: float = setting(60.0, "Seconds a multi-worker all-reduce waits for a lost worker before "
                                         "the run stops.", _positive)
 
@@ -143,6 +152,9 @@ def define_flags(flag_values=flags.FLAGS):
         _define_setting(field, flag_values)
     flags.DEFINE_bool("summary", False, "Print the model (layers, formulas, parameter counts) and its "
                       "training settings, then exit.", flag_values=flag_values)
+    flags.DEFINE_bool("find_lr", False, "Run the learning-rate range test from the model's initial weights, "
+                      "write lr_find.png and print the suggested --learning_rate, then exit (no run is "
+                      "trained).", flag_values=flag_values)
     flags.DEFINE_bool("list_models", False, "List the models with their codelab defaults and targets, then "
                       "exit.", flag_values=flag_values)
 
@@ -187,7 +199,7 @@ def load_tensorflow():
 def flag_values_given(flag_values=FLAGS):
     """{flag name: value} of train.py's flags, None for a model-default flag that was not given."""
     names = [name for name in flag_values if name in RunConfig.__dataclass_fields__ or name in
-             ("summary", "list_models")]
+             ("summary", "list_models", "find_lr")]
     return {name: flag_values[name].value for name in names}
 
 
@@ -435,6 +447,20 @@ def load_data(config):
     return train, validation, test, shape
 
 
+def find_learning_rate(config, path="lr_find.png", out=print):
+    """--find_lr: the range test (lab/lr_finder.py) on the training images; writes `path`, prints the suggestion."""
+    from lab import find_lr
+    train, _, _, data_shape = load_data(config)
+    from lab.api import Data
+    result = find_lr(config.model, Data(train, train, train, *data_shape, config.data_dir or ""), config)
+    result.plot(path)
+    ended = "the loss diverged" if result.diverged else "the last rate was reached"
+    out(f"learning-rate range test of {config.model}: {plural(len(result.losses), 'step')} from "
+        f"{result.learning_rates[0]:.2g} to {result.learning_rates[-1]:.2g} ({ended})")
+    out(f"suggested --learning_rate={result.suggestion:.2g}   (loss against learning rate: {path})")
+    return result
+
+
 def run(config, out=print):
     """Trains `config.model` as configured and returns the figures written to metrics.json.
 
@@ -551,7 +577,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     from app.summaries import LastGradients
     from core import data, distribute
     from core.checkpoint import CheckpointUnreadableError, CheckpointWriteError
-    from core.trainer import CheckpointMismatchError, NonFiniteError, Trainer
+    from core.trainer import CheckpointMismatchError, EarlyStopping, NonFiniteError, Trainer
     from datasets.idx import shape_text
     started = time.monotonic()
     train, validation, test = splits
@@ -586,7 +612,10 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                       checkpoint_write_dir=os.path.join(run_dir, "checkpoints"),
                       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                       progress=config.progress, steps_per_loop=config.steps_per_loop, strategy=strategy,
-                      precision=config.precision, jit_compile=config.jit_compile)
+                      precision=config.precision, jit_compile=config.jit_compile,
+                      early_stopping=EarlyStopping(config.early_stopping, config.early_stopping_metric,
+                                                   config.restore_best)
+                      if config.early_stopping or config.restore_best else None)
     if strategy.num_replicas_in_sync == 1:  # the batches gathered inside the compiled loop: no input pipeline
         batches = data.GatheredBatches(train, config.batch_size, config.seed)
     else:  # the same batches from tf.data, which the strategy splits among the replicas
@@ -630,6 +659,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
         "saved_model": exported,
         "pictures": sorted(f for f in os.listdir(run_dir) if f.endswith(".png")),
         "resumed": resuming,
+        "stopped": history.stopped,
         "hparams": config.hparams(),
     }
     rundir.write_json(os.path.join(run_dir, "metrics.json"), metrics)
@@ -707,6 +737,13 @@ def report(metrics, config, out=print):
     else:
         held_out = f", best held-out {percent(best)} (epoch {metrics['best_epoch']})" if best is not None else ""
         out(f"test accuracy: final {percent(metrics['test_accuracy'])}{held_out}   (target: {metrics['target']})")
+    stopped = metrics.get("stopped") or {}
+    if stopped.get("reason") == "early_stopping":
+        out(f"stopped early after epoch {stopped['stopped_epoch']}: no better {stopped['metric']} than epoch "
+            f"{stopped['best_epoch']}'s {stopped['best']:.4f} for {plural(stopped['patience'], 'epoch')}")
+    if stopped.get("restored"):
+        out(f"weights: epoch {stopped['best_epoch']}'s (best {stopped['metric']} {stopped['best']:.4f}), "
+            f"tested and exported")
     out(f"wall time: {metrics['wall_seconds']:.1f} s "
         f"({plural(metrics['steps'], 'step')}, {plural(metrics['epochs'], 'epoch')})")
     out(f"logs:        {run_dir}   (tensorboard --logdir {config.logdir})")
@@ -746,6 +783,9 @@ def main(argv):
             print(line)
         if values["summary"]:
             print_summary(config, REGISTRY)
+            return 0
+        if values["find_lr"]:
+            find_learning_rate(config)
             return 0
         run(config)
     except FlagError as error:
