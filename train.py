@@ -223,6 +223,12 @@ def make_config(values, registry=None):
         if "jit_compile" in given:
             raise FlagError(f"--jit_compile compiles the step of one replica; drop it or --strategy={config.strategy}")
         config = dataclasses.replace(config, jit_compile=False)  # the model's default compiles one replica only
+    if config.cpu_devices is not None and config.strategy != "mirrored":
+        raise FlagError("--cpu_devices splits the CPU into the replicas of --strategy=mirrored; add that or drop "
+                        "--cpu_devices")
+    if config.sync_batch_norm and config.strategy == "default":
+        raise FlagError("--sync_batch_norm shares batch statistics among replicas; it needs --strategy=mirrored "
+                        "or multi_worker")
     return config
 
 

@@ -28,11 +28,13 @@ Variables and their synchronization (chosen where they are created):
   Metric totals and counts: ON_READ, aggregation SUM. Each replica adds its own examples; reading sums
   over replicas; a checkpoint stores the sum and a restore with k replicas gives each sum / k.
 """
+import errno
 import functools
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 
 import tensorflow as tf
@@ -40,11 +42,14 @@ import tensorflow as tf
 __all__ = ["STRATEGIES", "DistributeError", "configure_cpu_devices", "make_strategy", "replica_batch_size",
            "distribute_batches", "all_reduce_sum", "all_reduce_gradients", "on_every_replica",
            "cross_replica_moments", "check_in_scope", "settle", "worker_index", "is_chief", "WorkerDirectory",
-           "lost_worker", "describe"]
+           "lost_worker", "server_failure", "describe"]
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # Seconds a collective waits for its peers before failing: how long a lost worker can stall the others.
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# Logical CPU devices per core at most: each has its own executor threads and buffers (256 on 2 cores took
+# 523 threads, 11 GB and minutes per step), and more replicas than cores only share the same cores.
+CPU_DEVICES_PER_CORE = 4
 
 
 class DistributeError(ValueError):
@@ -58,7 +63,11 @@ def configure_cpu_devices(count):
     own executor, so a MirroredStrategy over them behaves as k devices (sharing the same cores).
     """
     if count < 1:
-        raise DistributeError(f"cpu_devices must be >= 1, got {count}")
+        raise DistributeError(f"--cpu_devices must be >= 1, got {count}")
+    cores = os.cpu_count() or 1
+    if count > CPU_DEVICES_PER_CORE * cores:
+        raise DistributeError(f"--cpu_devices={count} is more than this machine can run: at most "
+                              f"{CPU_DEVICES_PER_CORE * cores} ({CPU_DEVICES_PER_CORE} per core, {cores} cores)")
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
@@ -90,13 +99,37 @@ def make_strategy(name="default", cpu_devices=None, timeout_seconds=DEFAULT_TIME
         raise DistributeError("--strategy=multi_worker needs the TF_CONFIG environment variable (see "
                               "docs/distributed.md, or start local workers with python -m cluster.launch)")
     try:
-        json.loads(os.environ["TF_CONFIG"])
+        config = json.loads(os.environ["TF_CONFIG"])
     except ValueError as error:
         raise DistributeError(f"TF_CONFIG is not valid JSON: {error}") from None
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING,
         timeout_seconds=timeout_seconds)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.OpError as error:
+        if "server" not in str(error):
+            raise
+        raise DistributeError(server_failure(config)) from None
+
+
+def server_failure(config):
+    """One line for a worker whose server (gRPC, listening on every interface at its TF_CONFIG address's
+    port) could not start: which address, and whether another program holds the port."""
+    try:
+        task = config["task"]
+        address = config["cluster"][task["type"]][task["index"]]
+        port = int(address.rsplit(":", 1)[1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "cannot start this worker's server: TF_CONFIG does not give this task an address host:port"
+    where = f"cannot start the server of {task['type']} {task['index']} at {address} (TF_CONFIG)"
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            taken = error.errno == errno.EADDRINUSE
+            return f"{where}: " + (f"port {port} is in use by another program" if taken else error.strerror)
+    return where
 
 
 @functools.lru_cache(maxsize=None)

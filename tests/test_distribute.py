@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import train
+from app import export
 from core import distribute
 from core.layers import BatchNorm, Dense, Flatten, Sequential
 from core.optimizers import SGD, Adam
 from core.runner import Runner
 from core.trainer import Trainer
-from models import conv
+from models import REGISTRY, conv
 
 GLOBAL_BATCH = 8
 
@@ -198,3 +200,53 @@ def test_a_failed_collective_names_the_lost_worker(monkeypatch):
     assert distribute.lost_worker(gone) == "worker 1 (127.0.0.1:4002)"
     assert distribute.lost_worker("failed to connect to ipv4:127.0.0.1:4002: refused") == "worker 1 (127.0.0.1:4002)"
     assert distribute.lost_worker("/job:worker/replica:0/task:0 Deadline Exceeded") is None
+
+
+@pytest.mark.parametrize("name", ["dense", "conv", "conv_bn"])
+def test_a_mirrored_model_exports_what_one_process_restores(name, tmp_path):
+    """A model on 2 replicas, with random weights and different BatchNorm statistics on each replica (as
+    training leaves them), checkpointed and exported: the SavedModel's probabilities are those of the model
+    restored from the checkpoint without a strategy (which holds the statistics' mean)."""
+    spec, strategy = REGISTRY[name], mirrored()
+    with strategy.scope():
+        model = spec.build(spec.defaults["dropout"])
+        model.build((None, 28, 28, 1))
+    rng = np.random.default_rng(7)
+    per_replica = [v for v in model.variables if v.synchronization == tf.VariableSynchronization.ON_READ]
+    for variable in model.trainable_variables:
+        variable.assign(rng.normal(0.0, 0.1, variable.shape).astype(np.float32))
+    for variable in per_replica:
+        for copy in variable.values:
+            copy.assign(variable.read_value() + rng.uniform(0.0, 0.5, variable.shape).astype(np.float32))
+    saved = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    exported = export.Classifier(export.export_saved_model(model, tmp_path / "saved_model"))
+
+    restored = spec.build(spec.defaults["dropout"])
+    restored.build((None, 28, 28, 1))
+    tf.train.Checkpoint(model=restored).read(saved).assert_existing_objects_matched()
+    images = images_and_labels(16, size=28, seed=5)[0]
+    probabilities = restored.predict(images).numpy()
+    np.testing.assert_allclose(exported(images)[0], probabilities, atol=1e-6)
+    assert np.ptp(probabilities) > 0.01
+    assert len(per_replica) == (8 if name == "conv_bn" else 0)
+    assert all(np.all(values(v)[0] != values(v)[1]) for v in per_replica)
+
+
+def test_cpu_devices_are_bounded_by_the_cores(monkeypatch):
+    monkeypatch.setattr(distribute.os, "cpu_count", lambda: 2)
+    with pytest.raises(distribute.DistributeError, match=r"^--cpu_devices=256 is more than this machine can run: "
+                                                         r"at most 8 \(4 per core, 2 cores\)$"):
+        distribute.configure_cpu_devices(256)
+
+
+def test_distribution_flags_need_their_strategy():
+    with pytest.raises(train.FlagError, match=r"^--cpu_devices splits the CPU into the replicas of "
+                                              r"--strategy=mirrored; add that or drop --cpu_devices$"):
+        train.make_config({"model": "dense", "cpu_devices": 2})
+    with pytest.raises(train.FlagError, match="^--cpu_devices splits"):
+        train.make_config({"model": "dense", "cpu_devices": 2, "strategy": "multi_worker"})
+    with pytest.raises(train.FlagError, match=r"^--sync_batch_norm .* needs --strategy=mirrored or multi_worker$"):
+        train.make_config({"model": "conv_bn", "sync_batch_norm": True})
+    config = train.make_config({"model": "conv_bn", "strategy": "mirrored", "cpu_devices": 2, "sync_batch_norm": True})
+    assert (config.cpu_devices, config.sync_batch_norm) == (2, True)
+    assert train.make_config({"model": "conv_bn", "sync_batch_norm": False}).strategy == "default"
