@@ -6,10 +6,12 @@
 The page shows the 28x28 picture the model sees (prepared as predict.py prepares pictures), each layer's
 activations captioned with its formula and shape, and the ten probabilities, updated while you draw; it can
 also classify an uploaded photo. Everything is served by this process (no internet needed); it listens on
-127.0.0.1 only unless --host says otherwise. The page's API is described in web/server.py.
+127.0.0.1 only unless --host says otherwise (::1 for IPv6; 0.0.0.0 for every interface, with a warning: anyone
+who can reach this computer can then use the page). The page's API is described in web/server.py.
 Exit codes: 0 stopped with Ctrl-C; 1 a model the page cannot use or a port that cannot be bound; 2 bad flags.
 """
 import os
+import sys
 
 from absl import app, flags
 
@@ -20,10 +22,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "SavedModel directory written by train.py (<run dir>/saved_model).")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; the default keeps the page on this computer.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1 or ::1 keep the page on this computer; "
+                    "0.0.0.0 opens it to every network this computer is on).")
 flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one.", lower_bound=0, upper_bound=65535)
+flags.DEFINE_integer("max_busy", 4, "Predictions prepared or run at once; more requests are answered 503 (busy).",
+                     lower_bound=1)
 flags.DEFINE_bool("verbose", False, "Print one line per HTTP request.")
 flags.mark_flag_as_required("model_dir")
+flags.register_validator("host", lambda host: bool(host.strip()),
+                         "no address; give 127.0.0.1 (this computer), ::1, or 0.0.0.0 (every network)")
 
 PROGRAM = "serve.py"
 
@@ -39,14 +46,18 @@ def main(argv):
     from web import server as web_server
     try:
         with quiet_native_logs(replay_on_error=False):
-            server = web_server.make_server(FLAGS.model_dir, FLAGS.host, FLAGS.port, FLAGS.verbose)
+            server = web_server.make_server(FLAGS.model_dir, FLAGS.host, FLAGS.port, FLAGS.verbose,
+                                            FLAGS.max_busy)
     except web_server.ModelError as e:
         error(e)
         return 1
     except OSError as e:
         error(f"cannot listen on {FLAGS.host}:{FLAGS.port} ({e.strerror or e})")
         return 1
-    model = server.inspector.description.get("model", "model")
+    model = server.inspector.description["model"]
+    if not server.loopback:
+        print(f"{PROGRAM}: warning: listening on {FLAGS.host} beyond this computer: anyone who can reach it on "
+              f"port {server.server_address[1]} can use the page", file=sys.stderr, flush=True)
     print(f"Serving {model} from {server.inspector.path} at {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -1,7 +1,9 @@
 """serve.py's API on a real server (127.0.0.1, a free port) with a conv model trained on real MNIST: answers
 agree with the SavedModel's serving_default and predict.py's picture preparation; bad requests get their 4xx
-and a one-line JSON error, and the server keeps serving."""
+and a one-line JSON error, and the server keeps serving. The HTTP handling itself (errors, bodies, Host,
+the busy limit, IPv6) is tested in-process on a server around a stub model, in a thread."""
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -11,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +146,14 @@ GOOD = json.dumps({"image": [[0.0] * 28] * 28})
     (json.dumps({"image": [[0.0] * 28] * 28 + [[0.0]]}), {}, 400, "not a rectangular array"),
     (json.dumps({"image": [[255.0] * 28] * 28}), {}, 400, "in [0, 1]"),
     (json.dumps({"image": [["a"] * 28] * 28}), {}, 400, "not a rectangular array of numbers"),
+    (json.dumps({"image": [["0.5"] * 28] * 28}), {}, 400, 'not a rectangular array of numbers (found "0.5")'),
+    (json.dumps({"image": [[True] * 28] * 28}), {}, 400, "not a rectangular array of numbers (found true)"),
+    (json.dumps({"image": [[0.0] * 28] * 27 + [[0.0] * 27 + [None]]}), {}, 400, "(found null)"),
+    (json.dumps({"image": [[[[0.0]]] * 28] * 28}), {}, 400, "not a rectangular array of numbers"),
+    (json.dumps({"image": [[{"a": 1}] * 28] * 28}), {}, 400, "not a rectangular array of numbers (found an object)"),
+    (json.dumps({"image": [[0.0] * 28] * 27 + [[0.0] * 27 + [10 ** 400]]}), {}, 400, "finite and in [0, 1]"),
+    ('{"image": ' + "1" * 5000 + "}", {}, 400, "not valid JSON (an integer of more than 4300 digits)"),
+    ('{"image": ' + "[" * 100_000 + "]" * 100_000 + "}", {}, 400, "not valid JSON (nested too deeply)"),
     (json.dumps({"png": "not base64!"}), {}, 400, "not valid base64"),
     (json.dumps({"png": base64.b64encode(b"GIF89a nonsense").decode()}), {}, 400, "not a picture"),
     (json.dumps({"png": 7}), {}, 400, "base64 string"),
@@ -150,7 +161,8 @@ GOOD = json.dumps({"image": [[0.0] * 28] * 28})
     (huge_picture, {}, 413, "8,000 x 6,000 pixels is larger than 40 megapixels"),
     (GOOD, {"Content-Type": "text/plain"}, 415, "must be application/json"),
     (GOOD, {"Content-Type": "application/x-www-form-urlencoded"}, 415, "must be application/json"),
-])
+    ("{\"image\": 0.5}", {}, 400, "not a rectangular array of numbers (found 0.5)"),
+], ids=lambda value: value[:40] if isinstance(value, (str, bytes)) else None)
 def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(server, body, headers, status,
                                                                           message):
     headers = {"Content-Type": "application/json", **headers}
@@ -165,6 +177,7 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(serve
 def raw_exchange(url, data):
     """Sends raw bytes on a socket and returns the status line and the JSON error of the answer."""
     host, port = url.split("//")[1].rstrip("/").split(":")
+    data = data.replace(b"Host: 127.0.0.1\r\n", f"Host: 127.0.0.1:{port}\r\n".encode())
     with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(data)
         received = b""
@@ -209,16 +222,39 @@ def run_serve(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def with_description(conv_saved_model, directory, change):
+    """A copy of the export in `directory` whose layers.json is change(description) (a JSON value)."""
+    shutil.copytree(conv_saved_model, directory)
+    description_file = directory / "assets" / export.LAYERS_ASSET
+    description_file.write_text(json.dumps(change(json.loads(description_file.read_text()))))
+    return directory
+
+
+def without(mapping, key):
+    return {k: v for k, v in mapping.items() if k != key}
+
+
 def test_models_the_page_cannot_use_are_refused_in_one_line(conv_saved_model, tmp_path):
-    other = tmp_path / "rgb"
-    shutil.copytree(conv_saved_model, other)
-    description_file = other / "assets" / export.LAYERS_ASSET
-    description = json.loads(description_file.read_text())
-    description["input_shape"] = [32, 32, 3]
-    description_file.write_text(json.dumps(description))
+    other = with_description(conv_saved_model, tmp_path / "rgb", lambda d: dict(d, input_shape=[32, 32, 3]))
     older = tmp_path / "older"
     shutil.copytree(conv_saved_model, older)
     (older / "assets" / export.LAYERS_ASSET).unlink()
+    damaged = [
+        (lambda d: d["layers"], "damaged: the description is a JSON list, not an object"),
+        (lambda d: without(d, "layers"), "damaged: the description has no 'layers' (list)"),
+        (lambda d: dict(d, layers=[d["layers"][0], without(d["layers"][1], "formula")]),
+         "damaged: layer 2 has no 'formula' (str)"),
+        (lambda d: dict(d, layers=[d["layers"][0], "conv2"]), "damaged: layer 2 is a JSON str, not an object"),
+        (lambda d: dict(d, layers=[dict(d["layers"][0], output="activation_9")]),
+         "layer 1 names output 'activation_9' of shape [28, 28, 12], the activations signature has no such output"),
+        (lambda d: dict(d, layers=[dict(d["layers"][0], shape=[28, 28, 13])]),
+         "layer 1 names output 'activation_1' of shape [28, 28, 13], the activations signature has shape "
+         "[28, 28, 12]"),
+    ]
+    for k, (change, message) in enumerate(damaged):
+        path = with_description(conv_saved_model, tmp_path / f"damaged{k}", change)
+        with pytest.raises(web_server.ModelError, match=re.escape(message)):
+            web_server.Inspector(path)
     for path, message in [(older, "no layer description (assets/layers.json); export the model again"),
                           (tmp_path, "not a SavedModel (no saved_model.pb)"),
                           (tmp_path / "missing", "no such directory")]:
@@ -227,6 +263,8 @@ def test_models_the_page_cannot_use_are_refused_in_one_line(conv_saved_model, tm
     cases = [
         ([f"--model_dir={other}"], 1, "takes inputs of shape [32, 32, 3]; the drawing page needs a model of "
                                       "28x28x1 images"),
+        ([f"--model_dir={conv_saved_model}", "--host="], 2, "--host=: no address; give 127.0.0.1"),
+        ([f"--model_dir={conv_saved_model}", "--host=  "], 2, "--host=  : no address; give 127.0.0.1"),
         ([], 2, "--model_dir"),
         ([f"--model_dir={conv_saved_model}", "--port=70000"], 2, "port"),
         ([f"--model_dir={conv_saved_model}", "extra.png"], 2, "unexpected arguments"),
@@ -247,3 +285,167 @@ def test_a_port_in_use_is_one_line(conv_saved_model):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("serve.py: error: cannot listen on 127.0.0.1:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+class StubInspector:
+    """A stand-in for the model: answers class 3, and with `hold` set waits (at most 20 s) until it is
+    released, to keep a prediction in progress."""
+
+    description = {"model": "stub", "input_shape": [28, 28, 1], "layers": []}
+
+    def __init__(self, hold=False):
+        self.started, self.released = threading.Event(), threading.Event()
+        if not hold:
+            self.released.set()
+
+    def inspect(self, x):
+        self.started.set()
+        assert self.released.wait(20)
+        return {"class": 3, "probabilities": [0.1] * 10, "layers": []}
+
+
+@contextlib.contextmanager
+def stub_server(inspector=None, host="127.0.0.1", **options):
+    """web.server.Server around a StubInspector, serving from a thread: yields the server."""
+    server = web_server.Server(inspector or StubInspector(), host, 0, **options)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def exchange(server, data, seconds=5):
+    """Sends raw bytes on one connection and reads until the server closes it (or `seconds` of silence):
+    -> [(status line, {header: value}, JSON body)] for each answer received, and whether the server closed."""
+    host, port = server.server_address[:2]
+    received, closed = b"", False
+    with socket.create_connection((host, port), timeout=seconds) as s:
+        s.sendall(data)
+        with contextlib.suppress(TimeoutError):
+            while chunk := s.recv(65536):
+                received += chunk
+            closed = True
+    answers = []
+    while received:
+        head, _, received = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        size = int(headers["Content-Length"])
+        answers.append((lines[0], headers, json.loads(received[:size])))
+        received = received[size:]
+    return answers, closed
+
+
+def test_predictions_beyond_max_busy_get_503_with_retry_after():
+    inspector = StubInspector(hold=True)
+    with stub_server(inspector, max_busy=1) as server:
+        first = {}
+        thread = threading.Thread(target=lambda: first.update(answer=predict(server.url, json.loads(GOOD))))
+        thread.start()
+        assert inspector.started.wait(20)
+        status, answer, response = predict(server.url, json.loads(GOOD))
+        assert status == 503 and response.getheader("Retry-After") == "1"
+        assert answer == {"error": "busy with as many predictions as it runs at once (1); try again in a second"}
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+        inspector.released.set()
+        thread.join(20)
+        assert first["answer"][0] == 200 and first["answer"][1]["class"] == 3
+        assert predict(server.url, json.loads(GOOD))[0] == 200
+
+
+def host_line(server):
+    return f"Host: 127.0.0.1:{server.server_address[1]}\r\n".encode()
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("POST", "/nowhere", 404), ("PUT", "/api/predict", 405), ("OPTIONS", "/", 405), ("DELETE", "/", 405),
+    ("GET", "/api/model", 200),
+])
+def test_a_body_no_route_reads_is_never_parsed_as_the_next_request(method, path, status):
+    with stub_server() as server:
+        smuggled = b"GET /api/predict HTTP/1.1\r\n" + host_line(server) + b"\r\n"
+        answers, closed = exchange(server, f"{method} {path} HTTP/1.1\r\n".encode() + host_line(server)
+                                   + f"Content-Length: {len(smuggled)}\r\n\r\n".encode() + smuggled)
+        assert [status_line.split()[1] for status_line, _, _ in answers] == [str(status)] and closed
+        assert answers[0][1]["Connection"] == "close"
+        answers, closed = exchange(server, b"GET /api/model HTTP/1.1\r\n" + host_line(server)
+                                   + b"Content-Length: 0\r\n\r\nGET /nowhere HTTP/1.1\r\n" + host_line(server)
+                                   + b"Connection: close\r\n\r\n")
+        assert [status_line.split()[1] for status_line, _, _ in answers] == ["200", "404"] and closed
+
+
+@pytest.mark.parametrize("request_bytes, status, message", [
+    (b"GARBAGE\r\n\r\n", 400, "Bad request syntax ('GARBAGE')"),
+    (b"GET / HTTP/1.x\r\n\r\n", 400, "Bad request version ('HTTP/1.x')"),
+    (b"GET /" + b"a" * 65532, 414, "Request-URI Too Long"),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 65534, 431, "Line too long"),
+    (b"BREW / HTTP/1.1\r\nHOST\r\n\r\n", 501, "Unsupported method ('BREW')"),
+    (b"GET / HTTP/2.0\r\n\r\n", 505, "Invalid HTTP version (2.0)"),
+], ids=["bad request line", "bad version", "URI too long", "header too long", "unknown method", "HTTP/2"])
+def test_the_standard_librarys_refusals_are_json_with_the_security_headers(request_bytes, status, message):
+    with stub_server() as server:
+        answers, closed = exchange(server, request_bytes.replace(b"HOST\r\n", host_line(server)))
+    ((status_line, headers, answer),) = answers
+    assert status_line.startswith(f"HTTP/1.1 {status} ") and closed
+    assert headers["Content-Type"] == "application/json" and answer == {"error": message}
+    assert all(headers[name] == value for name, value in web_server.SECURITY_HEADERS.items())
+
+
+@pytest.mark.parametrize("lengths", [["+{n}"], ["{n}", "{n}"], ["{n}", "{m}"], ["{n}_"], ["1_{n}"], [" {n} 0"],
+                                     ["0x10"], ["9" * 5000]], ids=lambda lengths: ",".join(lengths)[:20])
+def test_only_one_content_length_of_digits_is_accepted(lengths):
+    body = GOOD.encode()
+    with stub_server() as server:
+        fields = b"".join(f"Content-Length: {value.format(n=len(body), m=len(body) - 1)}\r\n".encode()
+                          for value in lengths)
+        answers, closed = exchange(server, b"POST /api/predict HTTP/1.1\r\n" + host_line(server)
+                                   + b"Content-Type: application/json\r\n" + fields + b"\r\n" + body)
+    ((status_line, headers, answer),) = answers
+    expected = "413" if len(lengths[0]) == 5000 else "400"
+    assert status_line.split()[1] == expected and closed, answer
+    assert "Content-Length" in answer["error"] or "limit of 12,582,912 bytes" in answer["error"]
+
+
+def test_a_loopback_server_answers_only_loopback_host_names():
+    with stub_server() as server:
+        port = server.server_address[1]
+        for host, status in [(f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"LOCALHOST:{port}", 200),
+                             (f"127.1.2.3:{port}", 200), (f"[::1]:{port}", 200),
+                             (f"rebinding.example:{port}", 421), (f"localhost.example.com:{port}", 421),
+                             ("localhost", 421), ("localhost:1", 421), (f"127.0.0.1:{port}0", 421),
+                             (f"10.0.0.1:{port}", 421), ("", 421)]:
+            answers, _ = exchange(server, f"GET /api/model HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                                  .encode())
+            ((status_line, headers, answer),) = answers
+            assert status_line.split()[1] == str(status), (host, answer)
+            if status == 421:
+                assert answer["error"] == f"Host {host!r} is not this server's; open http://127.0.0.1:{port}/"
+                assert headers["Content-Security-Policy"] == web_server.SECURITY_HEADERS["Content-Security-Policy"]
+        for request_bytes in [b"GET /api/model HTTP/1.1\r\nConnection: close\r\n\r\n",
+                              b"GET /api/model HTTP/1.1\r\n" + host_line(server) + host_line(server)
+                              + b"Connection: close\r\n\r\n"]:
+            ((status_line, _, _),), _ = exchange(server, request_bytes)
+            assert status_line.split()[1] == "421"
+
+
+def test_ipv6_loopback():
+    with stub_server(host="::1") as server:
+        assert server.url == f"http://[::1]:{server.server_address[1]}/" and server.loopback
+        connection = http.client.HTTPConnection("::1", server.server_address[1], timeout=10)
+        try:
+            connection.request("GET", "/api/model")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["model"] == "stub"
+        finally:
+            connection.close()
+
+
+def test_the_url_printed_for_every_interface_is_the_loopbacks():
+    assert web_server.page_url(("0.0.0.0", 8000)) == "http://127.0.0.1:8000/"
+    assert web_server.page_url(("::", 8000, 0, 0)) == "http://[::1]:8000/"
+    assert web_server.page_url(("192.168.1.5", 8000)) == "http://192.168.1.5:8000/"
+    assert web_server.page_url(("fe80::1", 80, 0, 0)) == "http://[fe80::1]:80/"

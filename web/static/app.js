@@ -129,6 +129,10 @@ async function predict() {
     const answer = await response.json();
     if (!drawn && picture === null) {
       showNothing("Draw a digit");
+    } else if (response.status === 503) {
+      say(answer.error);    // busy: keep the last answer and ask again when the server says
+      clearTimeout(timer);
+      timer = setTimeout(predict, 1000 * (Number(response.headers.get("Retry-After")) || 1));
     } else if (response.ok) {
       show(answer);
     } else {
