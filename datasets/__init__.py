@@ -6,17 +6,20 @@
 
 A data set is a `Dataset`: its four IDX files (datasets.idx.FILES) with the URL each is fetched from and
 the MD5 of its decompressed content (mirrors recompress the .gz files, the content is what counts).
-Adding one is one REGISTRY entry. Any directory of four IDX files works too (--data_dir): the files say
-the image shape and the classes, so an entry's image_shape and num_classes describe what it downloads.
+Adding one is one REGISTRY entry. Files already present are checked by the same MD5s (datasets.checksums
+remembers each file's verdict): a data set's name never trains another's files. Any directory of four IDX
+files of your own works too (--data_dir): the files say the image shape and the classes, so an entry's
+image_shape and num_classes describe what it downloads.
 """
 import dataclasses
 import os
+import zlib
 
-from datasets import idx
+from datasets import checksums, idx
 from datasets.download import DownloadError
 from datasets.download import download as fetch
 
-__all__ = ["DataFile", "Dataset", "REGISTRY", "get", "default_data_dir", "prepare"]
+__all__ = ["DataFile", "Dataset", "REGISTRY", "get", "default_data_dir", "prepare", "check_files"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +35,18 @@ class Dataset:
 
     files: {key of datasets.idx.FILES: DataFile}, saved as <FILES[key]>.gz in the data directory.
     digits: the classes are handwritten digits 0-9 as MNIST draws them (runs then also show printed digits).
+    title: the name people know it by, for messages.
     """
     name: str
     image_shape: tuple
     num_classes: int
     files: dict
     digits: bool = False
+    title: str = ""
+
+    def __post_init__(self):
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
 
 
 def _files(base_url, md5):
@@ -46,7 +55,7 @@ def _files(base_url, md5):
 
 
 MNIST = Dataset(
-    name="mnist", image_shape=(28, 28, 1), num_classes=10, digits=True,
+    name="mnist", title="MNIST", image_shape=(28, 28, 1), num_classes=10, digits=True,
     files=_files("https://storage.googleapis.com/cvdf-datasets/mnist/", {
         "train_images": "6bbc9ace898e44ae57da46a324031adb",
         "train_labels": "a25bea736e30d166cdddb491f175f624",
@@ -59,7 +68,7 @@ MNIST = Dataset(
 # the MD5s of the decompressed files, as torchvision's FashionMNIST lists them (raw_data) and as md5sum gives
 # them after gunzip; the two label files were checked here against the repository's own copies.
 FASHION_MNIST = Dataset(
-    name="fashion_mnist", image_shape=(28, 28, 1), num_classes=10,
+    name="fashion_mnist", title="Fashion-MNIST", image_shape=(28, 28, 1), num_classes=10,
     files=_files("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
         "train_images": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
         "train_labels": "9018921c3c673c538a1fc5bad174d6f9",
@@ -86,16 +95,27 @@ def default_data_dir(name="mnist"):
 def prepare(data_dir=None, dataset=MNIST, download=True, progress=True, timeout=30.0):
     """Returns the directory holding the four IDX files, downloading the missing ones, validated.
 
-    dataset: a Dataset or its name; data_dir defaults to default_data_dir(dataset.name). Missing files
-    are fetched as .gz from the dataset's URLs when `download` is True; their decompressed MD5 must
-    match. Raises DataError (one line) for anything that stops training.
+    dataset: a Dataset or its name. data_dir defaults to $TF_BY_HAND_DATA_DIR; a directory so named must
+    exist. Without either, the download cache default_data_dir(dataset.name) is created if needed. The files
+    present are checked (check_files): the dataset's own, or files of no registered data set (your own data).
+    Missing files are fetched as .gz from the dataset's URLs when `download` is True (and the files present
+    are the dataset's); their decompressed MD5 must match. Raises DataError (one line) for anything that
+    stops training.
     """
     dataset = get(dataset) if isinstance(dataset, str) else dataset
-    directory = os.path.expanduser(str(data_dir or default_data_dir(dataset.name)))
-    missing = [key for key, path in idx.find_files(directory).items() if path is None]
-    if missing and not download:
+    named = data_dir or os.environ.get("TF_BY_HAND_DATA_DIR")
+    directory = os.path.expanduser(str(named or default_data_dir(dataset.name)))
+    if named and not os.path.isdir(directory):
+        reason = "not a directory" if os.path.exists(directory) else "no such directory"
+        raise idx.DataError(f"no {dataset.title} files in {directory} ({reason}); {idx.how_to_point_at_a_copy()}")
+    paths = idx.find_files(directory)
+    own = not check_files(paths, dataset)
+    missing = [key for key, path in paths.items() if path is None]
+    if missing and (own or not download):
         names = ", ".join(idx.FILES[key] for key in missing)
-        raise idx.DataError(f"{directory}: missing {names} (plain or .gz) and downloading is off; "
+        why = ("downloading is off" if not download else
+               f"the other files are not {dataset.title}'s, so {dataset.title}'s are not downloaded")
+        raise idx.DataError(f"{directory}: missing {names} (plain or .gz) and {why}; "
                             f"{idx.how_to_point_at_a_copy()}")
     for key in missing:
         destination = os.path.join(directory, idx.FILES[key] + ".gz")
@@ -109,3 +129,36 @@ def prepare(data_dir=None, dataset=MNIST, download=True, progress=True, timeout=
                                 f"{idx.how_to_point_at_a_copy()}") from None
     idx.validate(directory)
     return directory
+
+
+def check_files(paths, dataset):
+    """Checks the content MD5 of the files present ({key: path or None}, as idx.find_files gives them)
+    against the registry. True: they are `dataset`'s (or none is present); False: none is any registered
+    data set's (your own data: the files say the shape and the classes). DataError (one line naming the
+    file and the data set) for a file of another data set, or for one that is not `dataset`'s beside others
+    that are (damaged or replaced)."""
+    owners = {file.md5: (other, key) for other in (*REGISTRY.values(), dataset) for key, file in other.files.items()}
+    digests = {}
+    for key, path in paths.items():
+        if path is not None:
+            try:
+                digests[key] = checksums.md5(path)
+            except (OSError, EOFError, zlib.error) as error:
+                raise idx.read_error(path, error) from None
+    for key, digest in digests.items():
+        other, other_key = owners.get(digest, (dataset, key))
+        if other.name != dataset.name or other_key != key:
+            what = "" if other_key == key else f" {idx.FILES[other_key]}"
+            raise idx.DataError(f"{paths[key]}: this is {other.title}'s{what}, not {dataset.title}'s (content MD5 "
+                                f"{digest}); point --data_dir at {dataset.title}'s files, or pass "
+                                f"--dataset={other.name} to train on these")
+    ours = [key for key, digest in digests.items() if digest == dataset.files[key].md5]
+    if not ours:
+        return not digests
+    for key, digest in digests.items():
+        if key not in ours:
+            raise idx.DataError(f"{paths[key]}: not {dataset.title}'s {idx.FILES[key]} (content MD5 {digest}, "
+                                f"expected {dataset.files[key].md5}) beside {dataset.title}'s other files: "
+                                f"a damaged or replaced file; put {dataset.title}'s back, or all four of "
+                                f"your own")
+    return True

@@ -14,7 +14,8 @@ An IDX file is a big-endian header followed by raw unsigned bytes:
 The magic is 0x0800 + the number of dimensions (0x08: unsigned bytes). So every image is a fixed-length
 record after the header, and every label a record of 1 byte: `tf.data.FixedLengthRecordDataset` reads
 them directly, from the .gz files (compression_type "GZIP") or from plain copies. The files say the image
-shape (rows, cols, channels; 1 channel for 3 dimensions) and the labels the classes: 0 .. largest label.
+shape (rows, cols, channels; 1 channel for 3 dimensions) and the training labels the classes: 0 .. their
+largest, each of which must occur.
 A caller that knows what to expect (a registered data set) passes image_shape and num_classes to be checked.
 """
 import gzip
@@ -29,7 +30,7 @@ import tensorflow as tf
 from core.data import in_memory
 
 __all__ = ["DataError", "FILES", "SPLITS", "find_files", "how_to_point_at_a_copy", "validate", "describe",
-           "load", "write_idx"]
+           "load", "write_idx", "read_error"]
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -85,9 +86,43 @@ def validate(data_dir, image_shape=None, num_classes=None):
 
 
 def describe(data_dir):
-    """(image shape (H, W, C), number of classes = largest label + 1) of the validated files."""
+    """(image shape (H, W, C), number of classes) of the validated files. The classes are inferred from the
+    training labels, 0 .. the largest: each must occur there, and no test label may lie above them (a stray
+    label would otherwise make a class of its own); DataError names the odd labels otherwise."""
     checked = _check_splits(data_dir)
-    return checked["train"][3], 1 + max(checked[split][4] for split in SPLITS)
+    (_, train_path, _, shape, train_labels), (_, test_path, _, _, test_labels) = checked["train"], checked["test"]
+    counts = np.bincount(train_labels)
+    top = len(counts) - 1
+    absent = np.flatnonzero(counts == 0)
+    if absent.size:
+        odd = [label for label in range(absent[0] + 1, top + 1) if counts[label]]
+        raise DataError(f"{train_path}: the labels say classes 0..{top}, but {_numbers(absent)} never "
+                        f"{'occurs' if absent.size == 1 else 'occur'}; above {absent[0]}: "
+                        f"{_odd_labels(train_labels, odd)}")
+    above = sorted(set(np.unique(test_labels).tolist()) - set(range(top + 1)))
+    if above:
+        raise DataError(f"{test_path}: labels outside the training classes 0..{top}: {_odd_labels(test_labels, above)}")
+    return shape, top + 1
+
+
+def _numbers(values, shown=5):
+    """'10, 11' / '3, 4, 5, 6, 7 and 2 more'."""
+    values = [int(v) for v in values]
+    text = ", ".join(map(str, values[:shown]))
+    return text + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def _odd_labels(labels, odd, shown=3):
+    """'label 12 (1 time, at index 299)' for the first `shown` of the labels `odd`: each one's count and first
+    positions."""
+    parts = []
+    for label in odd[:shown]:
+        where = np.flatnonzero(labels == label)
+        times = f"{where.size:,} time{'' if where.size == 1 else 's'}"
+        index = "index" if where.size == 1 else "indices"
+        parts.append(f"label {label} ({times}, at {index} {_numbers(where)})")
+    more = f" and {len(odd) - shown} more labels" if len(odd) > shown else ""
+    return ", ".join(parts) + more
 
 
 def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
@@ -164,7 +199,7 @@ def _check_splits(data_dir, image_shape=None, num_classes=None):
 
 
 def _check_split(directory, split, image_shape=None, num_classes=None):
-    """(image path, label path, count, image shape (H, W, C), largest label) of a validated split."""
+    """(image path, label path, count, image shape (H, W, C), labels uint8 [count]) of a validated split."""
     image_key, label_key = SPLITS[split]
     paths = find_files(directory)
     for key in (image_key, label_key):
@@ -180,7 +215,7 @@ def _check_split(directory, split, image_shape=None, num_classes=None):
     if images != count:
         raise DataError(f"{paths[image_key]}: {images} images but {os.path.basename(paths[label_key])} "
                         f"has {count} labels; the counts must match")
-    return paths[image_key], paths[label_key], images, shape, int(labels.max())
+    return paths[image_key], paths[label_key], images, shape, labels
 
 
 def _checked_file(path, kind):
@@ -273,10 +308,15 @@ def _read(path, keep_body):
                 body_size += len(chunk)
                 if keep_body:
                     body.append(chunk)
-    except EOFError:
-        raise DataError(f"{path}: truncated gzip file (the compressed stream ends early)") from None
-    except (gzip.BadGzipFile, zlib.error) as error:
-        raise DataError(f"{path}: corrupt gzip file ({error})") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise read_error(path, error) from None
     return header, body_size, b"".join(body) if keep_body else None
+
+
+def read_error(path, error):
+    """The one-line DataError for an OSError, EOFError or zlib.error met while reading `path`."""
+    if isinstance(error, EOFError):
+        return DataError(f"{path}: truncated gzip file (the compressed stream ends early)")
+    if isinstance(error, (gzip.BadGzipFile, zlib.error)):
+        return DataError(f"{path}: corrupt gzip file ({error})")
+    return DataError(f"{path}: cannot read ({error.strerror or error})")

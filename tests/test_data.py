@@ -457,7 +457,7 @@ BROKEN = {
     "wrong dimensions": (TRAIN_IMAGES, idx_bytes(np.zeros((300, 32, 32))), "images are 32x32, expected 28x28"),
     "extra bytes": (TRAIN_IMAGES, GOOD_IMAGES + b"\x00" * 7, "7 unexpected bytes after the 300 images"),
     "zero images": (TRAIN_IMAGES, idx_bytes(np.zeros((0, 28, 28))), "announces 0 images"),
-    "label out of range": (TRAIN_LABELS, idx_bytes(np.r_[tiny_labels(299), 12]), "label 12 at index 299 is outside 0..9"),
+    "label out of range": (TRAIN_LABELS, idx_bytes(np.r_[tiny_labels(299), 12]), "label 12 "),  # 1 time, at index 299
     "count mismatch": (TRAIN_LABELS, idx_bytes(tiny_labels(299)), "300 images but train-labels-idx1-ubyte has 299 labels"),
 }
 
@@ -471,7 +471,9 @@ def test_each_broken_input_gives_one_clear_line(tmp_path, case):
     calls = [lambda: idx.validate(directory, **AS_MNIST), lambda: idx.load(directory, "train", **AS_MNIST)]
     if case == "label out of range":  # without a data set's classes to check, the labels say them: 0..12
         assert datasets.prepare(directory, download=False) == str(directory)
-        assert idx.describe(directory) == ((28, 28, 1), 13)
+        calls.append(lambda: idx.describe(directory))  # ... and 10, 11 never occur
+        with pytest.raises(DataError, match=r"label 12 at index 299 is outside 0..9 \(1 such labels\)$"):
+            idx.validate(directory, **AS_MNIST)
     else:
         calls.append(lambda: datasets.prepare(directory, download=False))
     for call in calls:
@@ -482,6 +484,38 @@ def test_each_broken_input_gives_one_clear_line(tmp_path, case):
         assert "\n" not in message
         shown = TRAIN_IMAGES if case == "count mismatch" else name
         assert message.startswith(str(directory / shown) + ": "), message
+
+
+def test_inferred_classes_must_all_occur_in_training(tmp_path):
+    """One stray label 12 among 0..9 would make a 13-class model; a test label above the training classes would
+    count as wrong whatever the model said. Each is one line naming the labels, their counts and positions."""
+    labels = tiny_labels(300)
+    labels[[17, 201]] = 12
+    directory = write_tiny(tmp_path / "stray", overrides={"train_labels": labels})
+    with pytest.raises(DataError) as caught:
+        idx.describe(directory)
+    assert str(caught.value) == (f"{directory / TRAIN_LABELS}.gz: the labels say classes 0..12, but 10, 11 never "
+                                 f"occur; above 10: label 12 (2 times, at indices 17, 201)")
+
+    labels = tiny_labels(300) + 1  # 1..10: class 0 is missing, every label lies above it
+    directory = write_tiny(tmp_path / "shifted", overrides={"train_labels": labels})
+    with pytest.raises(DataError, match=r"classes 0..10, but 0 never occurs; above 0: label 1 \(30 times, at "
+                                        r"indices 0, 10, 20, 30, 40 and 25 more\), label 2 .*, label 3 .* and 7 "
+                                        r"more labels$"):
+        idx.describe(directory)
+
+    test_labels = tiny_labels(100)
+    test_labels[[5, 6, 99]] = [10, 11, 10]
+    directory = write_tiny(tmp_path / "test_above", overrides={"test_labels": test_labels})
+    with pytest.raises(DataError) as caught:
+        idx.describe(directory)
+    assert str(caught.value) == (f"{directory / idx.FILES['test_labels']}.gz: labels outside the training classes "
+                                 f"0..9: label 10 (2 times, at indices 5, 99), label 11 (1 time, at index 6)")
+
+    labels = tiny_labels(300) % 5  # fewer classes, all present: inferred
+    assert idx.describe(write_tiny(tmp_path / "five", overrides={"train_labels": labels,
+                                                                  "test_labels": tiny_labels(100) % 5})) == \
+        ((28, 28, 1), 5)
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -495,6 +529,9 @@ def test_missing_file_and_directory(tmp_path):
         datasets.prepare(directory, download=False)
     with pytest.raises(DataError, match="nowhere: data directory not found; .*--data_dir DIR"):
         idx.validate(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=rf"^no MNIST files in {tmp_path}/nowhere \(no such directory\); to use "):
+        datasets.prepare(tmp_path / "nowhere")  # a directory the user names is never created, nor downloaded into
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_write_idx_rejects_other_arrays(tmp_path):

@@ -2,6 +2,8 @@
 import dataclasses
 import gzip
 import hashlib
+import json
+import os
 import socket
 import threading
 import time
@@ -112,7 +114,8 @@ def leftovers(directory):
 
 def test_prepare_downloads_verifies_and_reuses(server, tmp_path, capsys):
     server.serve_tiny()
-    directory = tmp_path / "cache" / "mnist"
+    directory = tmp_path / "mnist"
+    directory.mkdir()
     assert datasets.prepare(directory, tiny(server.url)) == str(directory)
     assert sorted(path.name for path in directory.iterdir()) == sorted(name + ".gz" for name in idx.FILES.values())
     assert idx.validate(directory) == {"train": 120, "test": 40}
@@ -181,6 +184,7 @@ def test_offline_says_how_to_point_at_a_copy(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    (tmp_path / "offline").mkdir()
     with pytest.raises(DataError) as caught:
         datasets.prepare(tmp_path / "offline", served(datasets.MNIST, f"http://127.0.0.1:{port}/"),
                          progress=False)
@@ -211,6 +215,7 @@ def test_real_mnist_through_the_download_path(server, mnist_dir, tmp_path):
     """The shipped MD5 table matches the real files' content, served as the mirror would."""
     for name in idx.FILES.values():
         server.serve(name + ".gz", (Path(mnist_dir) / (name + ".gz")).read_bytes())
+    (tmp_path / "mirror").mkdir()
     directory = datasets.prepare(tmp_path / "mirror", served(datasets.MNIST, server.url), progress=False)
     assert idx.validate(directory) == {"train": 60000, "test": 10000}
     assert leftovers(directory) == []
@@ -232,3 +237,99 @@ def test_fashion_mnist_downloads_its_files_into_its_own_directory(server, tmp_pa
     tiny_fashion = served(datasets.FASHION_MNIST, server.url, TINY_MD5)
     assert datasets.prepare(dataset=tiny_fashion, progress=False) == str(directory)
     assert idx.validate(directory) == {"train": 120, "test": 40}
+
+
+def write_tiny(directory, keys=tuple(idx.FILES)):
+    directory.mkdir(exist_ok=True)
+    for key in keys:
+        (directory / idx.FILES[key]).write_bytes(RAW[key])
+    return directory
+
+
+def test_files_present_are_checked_like_downloads(server, mnist_dir, tmp_path, monkeypatch):
+    """A data set's name never trains another data set's files, nor a damaged copy; files of no registered data
+    set are the user's own and are used as they are, never completed by a download."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DataError) as caught:
+        datasets.prepare(mnist_dir, "fashion_mnist", progress=False)
+    assert str(caught.value) == (f"{mnist_dir}/train-images-idx3-ubyte.gz: this is MNIST's, not Fashion-MNIST's "
+                                 f"(content MD5 6bbc9ace898e44ae57da46a324031adb); point --data_dir at "
+                                 f"Fashion-MNIST's files, or pass --dataset=mnist to train on these")
+    monkeypatch.setenv("TF_BY_HAND_DATA_DIR", mnist_dir)
+    with pytest.raises(DataError, match="this is MNIST's, not Fashion-MNIST's"):
+        datasets.prepare(dataset="fashion_mnist", progress=False)
+    assert datasets.prepare(dataset="mnist", download=False) == mnist_dir
+
+    swapped = write_tiny(tmp_path / "swapped")
+    (swapped / idx.FILES["train_labels"]).write_bytes(RAW["test_labels"])  # the wrong file of the right set
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: this is MNIST's t10k-labels-idx1-ubyte, not "
+                                        r"MNIST's \(content MD5"):
+        datasets.prepare(swapped, tiny(server.url), progress=False)
+
+    damaged = write_tiny(tmp_path / "damaged")
+    labels = bytearray(RAW["train_labels"])
+    labels[8 + 17] = 3  # one label changed, a valid file all the same
+    (damaged / idx.FILES["train_labels"]).write_bytes(bytes(labels))
+    with pytest.raises(DataError) as caught:
+        datasets.prepare(damaged, tiny(server.url), progress=False)
+    assert str(caught.value) == (
+        f"{damaged}/train-labels-idx1-ubyte: not MNIST's train-labels-idx1-ubyte (content MD5 "
+        f"{hashlib.md5(labels).hexdigest()}, expected {TINY_MD5['train_labels']}) beside MNIST's other files: a "
+        f"damaged or replaced file; put MNIST's back, or all four of your own")
+
+    own = write_tiny(tmp_path / "own", keys=("train_images", "train_labels", "test_images"))
+    server.serve_tiny()
+    with pytest.raises(DataError, match=r"own: missing t10k-labels-idx1-ubyte \(plain or .gz\) and the other files "
+                                        r"are not MNIST's, so MNIST's are not downloaded; to use a local copy"):
+        datasets.prepare(own, served(datasets.MNIST, server.url), progress=False)
+    assert server.requests == []
+    write_tiny(own, keys=("test_labels",))
+    assert datasets.prepare(own, "mnist", download=False) == str(own)  # the user's own data: the files decide
+
+
+def test_a_missing_data_dir_is_one_line_and_creates_nothing(server, tmp_path, monkeypatch):
+    server.serve_tiny()
+    for named in (tmp_path / "typo", tmp_path / "no" / "such" / "dir"):
+        with pytest.raises(DataError) as caught:
+            datasets.prepare(named, tiny(server.url), progress=False)
+        assert str(caught.value).startswith(f"no MNIST files in {named} (no such directory); to use a local copy")
+    monkeypatch.setenv("TF_BY_HAND_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(DataError, match=r"^no MNIST files in .*/typo \(no such directory\)"):
+        datasets.prepare(dataset=tiny(server.url), progress=False)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataError, match=r"^no MNIST files in .*/a_file \(not a directory\)"):
+        datasets.prepare(tmp_path / "a_file", tiny(server.url), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and server.requests == []
+
+
+def test_checksums_are_remembered_by_size_and_mtime_and_never_written_beside_the_data(tmp_path, monkeypatch):
+    from datasets import checksums
+    hashed = []
+    real_md5 = checksums.content_md5
+    monkeypatch.setattr(checksums, "content_md5", lambda path: hashed.append(Path(path).name) or real_md5(path))
+    monkeypatch.setattr(checksums, "_memory", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    directory = write_tiny(tmp_path / "data")
+    dataset = tiny("http://127.0.0.1:9/")
+    before = sorted(p.name for p in directory.iterdir())
+
+    datasets.prepare(directory, dataset, download=False)
+    assert sorted(hashed) == sorted(idx.FILES.values())
+    datasets.prepare(directory, dataset, download=False)  # in memory
+    monkeypatch.setattr(checksums, "_memory", {})
+    datasets.prepare(directory, dataset, download=False)  # from the cache file: a new process hashes nothing
+    assert len(hashed) == 4
+    stored = json.loads((tmp_path / "cache" / "tf-by-hand" / "md5.json").read_text())
+    labels = directory / idx.FILES["train_labels"]
+    assert stored[str(labels)] == [len(RAW["train_labels"]), labels.stat().st_mtime_ns, TINY_MD5["train_labels"]]
+
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))  # touched: hashed again
+    datasets.prepare(directory, dataset, download=False)
+    assert hashed[4:] == [idx.FILES["train_labels"]]
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+    (tmp_path / "not_a_dir").write_text("x")  # a cache that cannot be written: hashed, no error
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_dir"))
+    monkeypatch.setattr(checksums, "_memory", {})
+    assert datasets.prepare(directory, dataset, download=False) == str(directory)
+    assert len(hashed) == 9
