@@ -182,10 +182,9 @@ class Checkpointer:
     def candidates(self):
         """Checkpoints to try, best first: the one the state file names, the older ones it keeps, then any
         other ckpt-<n>.index on disk (newest first)."""
-        state = _readable_state(self.directory)
+        state = _readable_state(self.directory)  # its paths already start with self.directory, relative or not
         paths = [state.model_checkpoint_path] + list(reversed(state.all_model_checkpoint_paths)) if state else []
-        absolute = [path if os.path.isabs(path) else os.path.join(self.directory, path) for path in paths]
-        return list(dict.fromkeys(absolute + on_disk(self.directory)))
+        return list(dict.fromkeys(os.path.normpath(path) for path in paths + on_disk(self.directory)))
 
     def restore(self):
         """Restores the newest readable checkpoint and returns its prefix (None if none was ever committed).

@@ -163,6 +163,19 @@ def test_a_finished_run_resumes_to_nothing(straight, tmp_path):
     assert len(history.epochs) == 1 and int(again.optimizer.step.numpy()) == STEPS
 
 
+def test_a_relative_checkpoint_directory_resumes_without_warnings(tmp_path, monkeypatch, caplog):
+    """TensorFlow prefixes the state file's paths with the directory: joined on again, a relative directory
+    ('runs/x/checkpoints', as train.py's default --logdir gives it) named runs/x/checkpoints/runs/x/checkpoints/
+    ckpt-1 and warned once per kept checkpoint before falling back to the files on disk."""
+    monkeypatch.chdir(tmp_path)
+    make_trainer("runs/x/checkpoints", checkpoint_every=None, keep_checkpoints=2).fit(train_data, epochs=2)
+    again = make_trainer("runs/x/checkpoints", checkpoint_every=None)
+    with caplog.at_level("WARNING"):
+        again.fit(train_data, epochs=3)
+    assert again.restored_from == "runs/x/checkpoints/ckpt-2" and "unreadable" not in caplog.text
+    assert int(again.optimizer.step.numpy()) == 3 * STEPS
+
+
 def test_keeps_the_last_k_checkpoints(tmp_path):
     trainer = make_trainer(tmp_path, keep_checkpoints=2)
     trainer.fit(train_data, epochs=2)
