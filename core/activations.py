@@ -92,6 +92,19 @@ _BACKWARD = {
 }
 
 
+# The one kernel that computes a formula, where TensorFlow has one: the layers' fast path (fused=True), which
+# TensorFlow's graph optimizer can merge with the convolution or matmul and bias before it into a single kernel
+# (oneDNN's conv + bias + relu). relu's kernel is the formula exactly: x where x > 0, else 0, and a gradient of
+# dy * [x > 0], 0 at x = 0 (it returns +0.0 where the formula's x * 0 gives -0.0 for a negative x, equal in every
+# comparison and sum). Tests: tests/test_fast_paths.py.
+_KERNELS = {relu: tf.nn.relu}
+
+
+def kernel(fn):
+    """The fused kernel computing `fn` (tf.nn.relu for relu), or `fn` itself where there is none."""
+    return _KERNELS.get(fn, fn)
+
+
 def backward(fn, dy, y):
     """dL/dz from dL/dy and the output y = fn(z) (same shapes): relu: dy * [y > 0] (y > 0 exactly where z > 0);
     sigmoid: dy * y * (1 - y); tanh: dy * (1 - y^2); softmax (last axis): y * (dy - sum_k dy_k * y_k)."""

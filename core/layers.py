@@ -30,6 +30,19 @@ def _activation_backward(fn, y_shape):
     return "dz", [f"dz{shape_str(y_shape)} = {activations.backward_formula(fn)}"]
 
 
+def _bias_activation(layer, z):
+    """activation(z + b) of a Dense or Conv2D layer. fused: tf.nn.bias_add and the activation's kernel
+    (activations.kernel: tf.nn.relu), which TensorFlow's graph optimizer merges with the matmul or convolution
+    before them into one kernel; else the formula's `+` and activation. The same numbers (tests/test_fast_paths.py)."""
+    if layer.fused:
+        if layer.use_bias:
+            z = tf.nn.bias_add(z, layer.b)
+        return activations.kernel(layer.activation)(z)
+    if layer.use_bias:
+        z = z + layer.b
+    return layer.activation(z)
+
+
 class Dense(Layer):
     """Fully connected layer: y = activation(x @ w + b).
 
@@ -40,13 +53,15 @@ class Dense(Layer):
 
     input_rank = 2
 
-    def __init__(self, units, activation=None, use_bias=True, w_init=GlorotUniform(), b_init=Zeros(), name=None):
+    def __init__(self, units, activation=None, use_bias=True, w_init=GlorotUniform(), b_init=Zeros(), fused=True,
+                 name=None):
         super().__init__(name=name)
         if not isinstance(units, int) or units <= 0:
             raise ValueError(f"{self}: units must be a positive int, got {units!r}")
         self.units = units
         self.activation = activations.get(activation)
         self.use_bias = use_bias
+        self.fused = bool(fused)
         self.w_init = initializer(w_init, "w_init", self)
         self.b_init = initializer(b_init, "b_init", self)
 
@@ -59,10 +74,7 @@ class Dense(Layer):
             self.b = tf.Variable(self.b_init([self.units], self.dtype), name="b")
 
     def _forward(self, x, training):
-        y = tf.matmul(x, self.w)
-        if self.use_bias:
-            y = y + self.b
-        return self.activation(y)
+        return _bias_activation(self, tf.matmul(x, self.w))
 
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
@@ -115,7 +127,7 @@ class Conv2D(Layer):
     input_rank = 4
 
     def __init__(self, filters, kernel_size, strides=1, padding="same", activation=None, use_bias=True,
-                 w_init=GlorotUniform(), b_init=Zeros(), name=None):
+                 w_init=GlorotUniform(), b_init=Zeros(), fused=True, name=None):
         super().__init__(name=name)
         if not isinstance(filters, int) or filters <= 0:
             raise ValueError(f"{self}: filters must be a positive int, got {filters!r}")
@@ -125,6 +137,7 @@ class Conv2D(Layer):
         self.padding = padding_mode(padding, self)
         self.activation = activations.get(activation)
         self.use_bias = use_bias
+        self.fused = bool(fused)
         self.w_init = initializer(w_init, "w_init", self)
         self.b_init = initializer(b_init, "b_init", self)
 
@@ -139,10 +152,8 @@ class Conv2D(Layer):
             self.b = tf.Variable(self.b_init([self.filters], self.dtype), name="b")
 
     def _forward(self, x, training):
-        y = tf.nn.conv2d(x, self.w, strides=(1,) + self.strides + (1,), padding=self.padding.upper())
-        if self.use_bias:
-            y = y + self.b
-        return self.activation(y)
+        return _bias_activation(self, tf.nn.conv2d(x, self.w, strides=(1,) + self.strides + (1,),
+                                                   padding=self.padding.upper()))
 
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
@@ -210,9 +221,16 @@ class BatchNorm(Layer):
     Under a tf.distribute strategy the batch is each replica's slice: its own statistics (as Keras), or
     with `synchronized` those of the global batch (core.distribute.cross_replica_moments). The moving
     statistics are ON_READ / MEAN: one copy per replica, read (saved, exported) as their mean.
+
+    fused (default): the whole formula runs as one kernel, FusedBatchNormV3 ([N, C] as [N, 1, 1, C]), in
+    training and inference, equal to the formula to float32 rounding (tests/test_fast_paths.py); it takes a
+    16-bit x with float32 gamma, beta and statistics (`mixed_input`). fused=False: the formula's ops, the
+    reference. The formula also runs where the kernel cannot: float64 variables, and training with
+    `synchronized`. The hand-written backward pass (`forward_with_cache`, `backward`) is always the formula's.
     """
 
-    def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True, synchronized=False, name=None):
+    def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True, synchronized=False, fused=True,
+                 name=None):
         super().__init__(name=name)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{self}: momentum must be in [0, 1], got {momentum!r}")
@@ -223,6 +241,13 @@ class BatchNorm(Layer):
         self.center = center
         self.scale = scale
         self.synchronized = synchronized
+        self.fused = bool(fused)
+
+    @property
+    def mixed_input(self):
+        """Whether the layer takes a 16-bit x and keeps its variables and statistics in float32 (the fused
+        kernel does; the formula's ops need one dtype, so mixed precision casts x up for them)."""
+        return self.fused and not self.synchronized and self.moving_mean.dtype == tf.float32
 
     def _create_variables(self, input_shape):
         c = input_shape[-1]
@@ -238,7 +263,37 @@ class BatchNorm(Layer):
         self.moving_variance = tf.Variable(tf.ones([c], self.dtype), name="moving_variance", **per_replica)
 
     def _forward(self, x, training):
-        return self._normalize(x, *self._statistics(x, training))
+        return self._normalized(x, training)[0]
+
+    def _normalized(self, x, training):
+        """(y, mean, variance) by the fused kernel where it applies, else by the formula's ops."""
+        if self.fused and not (training and self.synchronized) and self.moving_mean.dtype == tf.float32:
+            return self._fused(x, training)
+        mean, variance = self._statistics(x, training)
+        return self._normalize(x, mean, variance), mean, variance
+
+    def _fused(self, x, training):
+        """The formula as one kernel: y, batch mean, batch variance = FusedBatchNormV3(x, gamma, beta) (training,
+        moving statistics updated) or y = FusedBatchNormV3(x, gamma, beta, moving_mean, moving_variance)
+        (inference). The kernel returns the unbiased variance sum (x - mean)^2 / (n - 1), so it is multiplied by
+        (n - 1) / n: the formula's biased variance, which the moving average gets. x may be 16-bit; the rest is in
+        the variables' dtype."""
+        c = self.moving_mean.shape[0]
+        dtype = self.moving_mean.dtype
+        x4 = x if x.shape.rank == 4 else tf.reshape(x, [-1, 1, 1, c])
+        gamma = self.gamma if self.scale else tf.ones([c], dtype)
+        beta = self.beta if self.center else tf.zeros([c], dtype)
+        if training:
+            y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(x4, gamma, beta, epsilon=self.epsilon)
+            n = tf.cast(tf.size(x4) // c, dtype)
+            variance = unbiased * ((n - 1.0) / n)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(x4, gamma, beta, mean, variance, epsilon=self.epsilon,
+                                                       is_training=False)
+        return (y if x.shape.rank == 4 else tf.reshape(y, tf.shape(x))), mean, variance
 
     def _statistics(self, x, training):
         """(mean, variance) [C]: the batch's, moving statistics updated (training), or the moving ones."""
@@ -279,11 +334,11 @@ class BatchNorm(Layer):
         return f"y = {y}"
 
     def forward_with_cache(self, x, training=False):
-        """y as the forward pass computes it; cache = (x_hat = (x - mean) / sigma, 1 / sigma [C], training),
-        sigma = sqrt(variance + epsilon)."""
-        mean, variance = self._statistics(x, training)
+        """y as the forward pass computes it (the fused kernel or the formula, as `_forward`); cache = (x_hat =
+        (x - mean) / sigma, 1 / sigma [C], training), sigma = sqrt(variance + epsilon), for the backward pass."""
+        y, mean, variance = self._normalized(x, training)
         inv_sigma = tf.math.rsqrt(variance + self.epsilon)
-        return self._normalize(x, mean, variance), ((x - mean) * inv_sigma, inv_sigma, bool(training))
+        return y, ((x - mean) * inv_sigma, inv_sigma, bool(training))
 
     def backward(self, dy, cache):
         """y = gamma * x_hat + beta, x_hat = (x - mean) / sigma; sums and means run over every axis but the last:
@@ -372,14 +427,17 @@ class Dropout(Layer):
 
 
 class Activation(Layer):
-    """y = fn(x), elementwise (softmax: along the last axis); same shape as x."""
+    """y = fn(x), elementwise (softmax: along the last axis); same shape as x. fused (default): fn's kernel
+    where TensorFlow has one (tf.nn.relu, which its graph optimizer can merge with a FusedBatchNormV3 before
+    it), else the formula."""
 
-    def __init__(self, fn_name, name=None):
+    def __init__(self, fn_name, fused=True, name=None):
         super().__init__(name=name)
         self.fn = activations.get(fn_name)
+        self.fused = bool(fused)
 
     def _forward(self, x, training):
-        return self.fn(x)
+        return (activations.kernel(self.fn) if self.fused else self.fn)(x)
 
     def output_shape(self, input_shape=None):
         return self._shape_or_built(input_shape)

@@ -10,9 +10,11 @@ A training step in mixed precision (`mixed_gradients`):
     g      = dL/dw = cast(dL/dw16, float32)    the cast's gradient brings g back to float32
     w      <- optimizer(g, w)                  float32 weights and float32 optimizer slots
 
-A layer holding non-trainable statistics (BatchNorm's moving mean and variance) stays in float32: it
-casts its 16-bit input up, computes its batch statistics and moving averages in float32, and the next
-layer casts down again. float16 has 5 exponent bits: small gradients underflow to 0, so
+A layer holding non-trainable statistics (BatchNorm's moving mean and variance) keeps them, and its
+weights, in float32. The fused BatchNorm (`mixed_input`) takes the 16-bit x as it is: FusedBatchNormV3
+reads bfloat16 x with float32 gamma, beta and statistics, accumulates in float32 and writes a bfloat16 y,
+so the activations stay in 16 bits from the first layer to the logits. The formula's BatchNorm
+(fused=False) casts its 16-bit input up, computes in float32, and the next layer casts down again. float16 has 5 exponent bits: small gradients underflow to 0, so
 "mixed_float16" multiplies L by a loss scale S before differentiating and divides g by S after
 (`LossScale`, the rule of Keras's LossScaleOptimizer): a step whose scaled gradients overflow is skipped
 and S halves; after `growth_steps` good steps in a row S doubles. bfloat16 keeps float32's exponent
@@ -45,13 +47,20 @@ def compute_in(model, dtype):
     """Within the block, `model`'s layers compute in `dtype` from casts of their float32 weights.
 
     Each layer's trainable variables are replaced by `cast(variable, dtype)` (read inside the caller's
-    tape, so gradients reach the float32 variables) and its dtype by `dtype`, then restored on exit;
-    layers with moving statistics stay in float32 (see the module docstring).
+    tape, so gradients reach the float32 variables: each weight is cast once per step) and its dtype by
+    `dtype`, then restored on exit. Layers with moving statistics keep float32 variables; those taking a
+    16-bit input (`mixed_input`) get `dtype` as their dtype, so their input is not cast up; the others
+    stay in float32 (see the module docstring).
     """
     saved = []
     try:
         for layer in getattr(model, "layers", []):
-            if _keeps_float32(layer) or getattr(layer, "dtype", None) is None:
+            if getattr(layer, "dtype", None) is None:
+                continue
+            if _keeps_float32(layer):
+                if getattr(layer, "mixed_input", False):
+                    saved.append((layer, layer.dtype, {}))
+                    layer.dtype = dtype
                 continue
             weights = {name: value for name, value in vars(layer).items()
                        if isinstance(value, tf.Variable) and value.trainable}

@@ -108,10 +108,11 @@ def test_conv2d_same_padding_puts_the_extra_row_bottom_right():
     assert conv.output_shape((None, 3, 3, 1)) == (None, 2, 2, 1)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "formula"])
 @pytest.mark.parametrize("center,scale", [(True, True), (True, False), (False, True), (False, False)])
-def test_batchnorm_dense_rank_matches_keras(center, scale):
+def test_batchnorm_dense_rank_matches_keras(center, scale, fused):
     x = (np.random.default_rng(2).standard_normal((8, 5)) * 3 + 1).astype(np.float32)
-    ours = layers.BatchNorm(center=center, scale=scale)
+    ours = layers.BatchNorm(center=center, scale=scale, fused=fused)
     theirs = keras.layers.BatchNormalization(center=center, scale=scale)
     assert_same_layer(ours, theirs, x, training=True)
     assert_same_layer(ours, theirs, x, training=False)
@@ -127,9 +128,10 @@ def test_batchnorm_variables_follow_center_and_scale():
         assert not bn.moving_mean.trainable and not bn.moving_variance.trainable
 
 
-def test_batchnorm_moving_statistics_match_keras_after_several_steps():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "formula"])
+def test_batchnorm_moving_statistics_match_keras_after_several_steps(fused):
     """[N, H, W, C]: statistics over N, H, W; moving = moving * momentum + batch * (1 - momentum)."""
-    ours = layers.BatchNorm(momentum=0.9, center=True, scale=False)
+    ours = layers.BatchNorm(momentum=0.9, center=True, scale=False, fused=fused)
     theirs = keras.layers.BatchNormalization(momentum=0.9, center=True, scale=False)
     shape = (4, 5, 3, 6)
     ours.build(shape)

@@ -13,9 +13,9 @@ from core.precision import LossScale, compute_dtype, compute_in, mixed_gradients
 from core.runner import Runner, tape_gradients
 
 
-def model_and_batch(seed=3):
+def model_and_batch(seed=3, fused=True):
     tf.random.set_seed(seed)
-    model = Sequential([Conv2D(4, 3, strides=2, use_bias=False), BatchNorm(scale=False), Flatten(),
+    model = Sequential([Conv2D(4, 3, strides=2, use_bias=False), BatchNorm(scale=False, fused=fused), Flatten(),
                         Dense(16, activation="relu"), Dense(5)])
     model.build((None, 8, 8, 1))
     rng = np.random.default_rng(seed)
@@ -31,15 +31,20 @@ def test_precision_names():
         compute_dtype("bfloat16")
 
 
-def test_layers_compute_in_bfloat16_batch_norm_in_float32_and_the_weights_come_back():
-    model, images, _ = model_and_batch()
+@pytest.mark.parametrize("fused, batch_norm_dtype", [(True, tf.bfloat16), (False, tf.float32)])
+def test_layers_compute_in_bfloat16_batch_norm_keeps_float32_statistics_and_the_weights_come_back(
+        fused, batch_norm_dtype):
+    """The fused BatchNorm passes bfloat16 through (float32 statistics inside); the formula's computes in float32."""
+    model, images, _ = model_and_batch(fused=fused)
     before = [(v.ref(), v.dtype) for v in model.variables]
     seen = {}
     with compute_in(model, tf.bfloat16):
         for name, output in model.activations(tf.cast(images, tf.bfloat16), training=True):
             seen[name] = output.dtype
-    assert list(seen.values()) == [tf.bfloat16, tf.float32, tf.bfloat16, tf.bfloat16, tf.bfloat16]
+    assert list(seen.values()) == [tf.bfloat16, batch_norm_dtype, tf.bfloat16, tf.bfloat16, tf.bfloat16]
     assert [(v.ref(), v.dtype) for v in model.variables] == before  # the float32 variables themselves
+    assert all(v.dtype == tf.float32 for v in model.layers[1].variables)
+    assert model.layers[1].dtype == tf.float32  # restored on exit
     assert all(isinstance(layer.w, tf.Variable) for layer in model.layers if hasattr(layer, "w"))
 
 

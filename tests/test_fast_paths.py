@@ -1,0 +1,214 @@
+"""Every fast path equals its formula: the fused kernels (FusedBatchNormV3, tf.nn.bias_add, tf.nn.relu) against the
+layers' formula paths (fused=False) on the same weights and inputs, forward, gradients (input and every variable)
+and moving statistics, in training and inference, in float32 to float32 rounding and with bfloat16 inputs within
+bfloat16's precision; a run with the fast paths on resumes bit-identically."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from core import activations, backprop
+from core.layers import Activation, BatchNorm, Conv2D, Dense, Flatten, Sequential
+from core.losses import softmax_cross_entropy
+from core.optimizers import Adam
+
+EPS32 = np.finfo(np.float32).eps
+
+
+def assert_rounding_close(fast, formula, ulps=16):
+    """|fast - formula| <= ulps float32 roundings of the tensor's largest value, element by element: the two
+    compute the same sums in different orders."""
+    fast, formula = np.asarray(fast, np.float64), np.asarray(formula, np.float64)
+    assert fast.shape == formula.shape
+    bound = ulps * EPS32 * max(np.max(np.abs(formula)), 1e-30)
+    assert np.max(np.abs(fast - formula)) <= bound, f"off by {np.max(np.abs(fast - formula)):.3g} > {bound:.3g}"
+
+
+def run(layer, x, training, weights):
+    """(y, dL/dx, {variable: dL/dvariable}) for L = sum(y * r), r fixed, with `weights` copied in first."""
+    layer.build(x.shape)
+    for variable in layer.variables:
+        variable.assign(weights[variable.name.split("/")[-1].split(":")[0]])
+    r = tf.constant(np.random.default_rng(5).standard_normal(x.shape[:1] + layer.output_shape(x.shape)[1:]),
+                    tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * r)
+    names = [v.name.split("/")[-1].split(":")[0] for v in layer.trainable_variables]
+    gradients = tape.gradient(loss, [x] + list(layer.trainable_variables))
+    return y, gradients[0], dict(zip(names, gradients[1:]))
+
+
+def batch_norm_weights(c, seed=1):
+    rng = np.random.default_rng(seed)
+    return {"gamma": rng.normal(1.0, 0.3, c).astype(np.float32), "beta": rng.normal(0.0, 0.5, c).astype(np.float32),
+            "moving_mean": rng.normal(0.0, 1.0, c).astype(np.float32),
+            "moving_variance": (np.abs(rng.normal(1.0, 0.5, c)) + 0.2).astype(np.float32)}
+
+
+@pytest.mark.parametrize("shape", [(16, 5, 4, 6), (32, 7)], ids=["NHWC", "NC"])
+@pytest.mark.parametrize("center,scale", [(True, True), (True, False)])
+def test_fused_batch_norm_equals_the_formula_forward_gradients_and_moving_statistics(shape, center, scale):
+    """Three training steps then inference: y, dL/dx, dL/dgamma, dL/dbeta and the moving statistics."""
+    weights = batch_norm_weights(shape[-1])
+    layers = {fused: BatchNorm(momentum=0.9, center=center, scale=scale, fused=fused) for fused in (True, False)}
+    for step in range(3):
+        x = tf.constant(np.random.default_rng(step).normal(step, 1.0 + step, shape), tf.float32)
+        out = {fused: run(layer, x, True, weights) for fused, layer in layers.items()}
+        for fast, formula in zip(out[True][:2], out[False][:2]):
+            assert_rounding_close(fast, formula)
+        assert sorted(out[True][2]) == sorted(out[False][2]) == sorted(
+            name for name, on in (("gamma", scale), ("beta", center)) if on)
+        for name in out[True][2]:
+            assert_rounding_close(out[True][2][name], out[False][2][name])
+        for name in ("moving_mean", "moving_variance"):
+            fast, formula = (getattr(layers[fused], name).numpy() for fused in (True, False))
+            assert_rounding_close(fast, formula, ulps=4)
+            assert not np.array_equal(fast, weights[name])  # they moved
+            weights[name] = formula  # the next step starts both from the same statistics
+    x = tf.constant(np.random.default_rng(9).normal(0.5, 2.0, shape), tf.float32)
+    out = {fused: run(layer, x, False, weights) for fused, layer in layers.items()}
+    for fast, formula in zip(out[True][:2], out[False][:2]):
+        assert_rounding_close(fast, formula)
+    for name in out[True][2]:
+        assert_rounding_close(out[True][2][name], out[False][2][name])
+    for name in ("moving_mean", "moving_variance"):  # inference changes nothing
+        np.testing.assert_array_equal(getattr(layers[True], name).numpy(), weights[name])
+
+
+def test_fused_batch_norm_keeps_kerass_moving_variance_the_biased_one():
+    """The kernel's batch variance divides by n - 1; the moving average must get the one dividing by n."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, (4, 3, 3, 2)).astype(np.float32)
+    bn = BatchNorm(momentum=0.5)
+    bn(x, training=True)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.5 + 0.5 * x.astype(np.float64).var(axis=(0, 1, 2)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training):
+    """bfloat16 x in, bfloat16 y out, float32 statistics; y and dL/dx within bfloat16's precision of the float32
+    formula on the same (rounded) x, the moving statistics (accumulated in float32) to float32 rounding."""
+    shape = (16, 5, 4, 6)
+    weights = batch_norm_weights(shape[-1])
+    x16 = tf.cast(tf.constant(np.random.default_rng(3).normal(1.0, 2.0, shape), tf.float32), tf.bfloat16)
+    fast_layer, formula_layer = BatchNorm(fused=True), BatchNorm(fused=False)
+    fast_layer.build(shape)
+    assert fast_layer.mixed_input and not formula_layer.mixed_input
+    fast_layer.dtype = tf.bfloat16  # as core.precision.compute_in sets it: the input is not cast up
+    y, dx, grads = run(fast_layer, x16, training, weights)
+    y32, dx32, grads32 = run(formula_layer, tf.cast(x16, tf.float32), training, weights)
+    assert y.dtype == dx.dtype == tf.bfloat16
+    assert all(v.dtype == tf.float32 for v in fast_layer.variables)
+    y, dx = (tf.cast(t, tf.float32).numpy() for t in (y, dx))
+    np.testing.assert_allclose(y, y32.numpy(), atol=2 ** -8 * np.max(np.abs(y32)))
+    np.testing.assert_allclose(dx, dx32.numpy(), atol=2 ** -7 * np.max(np.abs(dx32)))
+    for name in grads32:
+        np.testing.assert_allclose(grads[name].numpy(), grads32[name].numpy(), rtol=2 ** -7, atol=2 ** -7)
+    for name in ("moving_mean", "moving_variance"):
+        assert_rounding_close(getattr(fast_layer, name).numpy(), getattr(formula_layer, name).numpy(), ulps=8)
+
+
+def test_relu_kernel_is_the_formula_exactly_gradient_zero_at_zero():
+    x = tf.constant([-2.0, -0.0, 0.0, 1e-30, 3.5, -1e-30])
+    assert activations.kernel(activations.relu) is tf.nn.relu
+    assert activations.kernel(activations.sigmoid) is activations.sigmoid  # no kernel: the formula
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        fast, formula = tf.nn.relu(x), activations.relu(x)
+    np.testing.assert_array_equal(fast.numpy(), formula.numpy())
+    np.testing.assert_array_equal(tape.gradient(fast, x).numpy(), [0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(tape.gradient(formula, x).numpy(), [0, 0, 0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda fused: Dense(7, activation="relu", fused=fused), (9, 13)),
+    (lambda fused: Conv2D(5, 6, strides=2, activation="relu", fused=fused), (3, 9, 7, 2)),
+    (lambda fused: Conv2D(4, 3, activation=None, fused=fused), (2, 6, 6, 3)),
+    (lambda fused: Activation("relu", fused=fused), (4, 11)),
+], ids=["dense_relu", "conv_relu", "conv_linear", "activation"])
+def test_bias_add_and_relu_kernels_equal_the_formula(make, shape):
+    x = tf.constant(np.random.default_rng(2).standard_normal(shape), tf.float32)
+    layer = make(True)
+    layer.build(shape)
+    rng = np.random.default_rng(4)
+    weights = {v.name.split("/")[-1].split(":")[0]: rng.standard_normal(v.shape).astype(np.float32) * 0.3
+               for v in layer.variables}
+    for training in (True, False):
+        fast = run(make(True), x, training, weights)
+        formula = run(make(False), x, training, weights)
+        np.testing.assert_array_equal(fast[0].numpy(), formula[0].numpy())  # one add, one max: identical
+        assert_rounding_close(fast[1], formula[1])
+        for name in formula[2]:
+            assert_rounding_close(fast[2][name], formula[2][name])
+
+
+def small_conv_bn(fused, seed=1):
+    tf.random.set_seed(seed)
+    return Sequential([Conv2D(4, 3, use_bias=False, fused=fused), BatchNorm(scale=False, fused=fused),
+                       Activation("relu", fused=fused), Conv2D(6, 6, strides=2, use_bias=False, fused=fused),
+                       BatchNorm(scale=False, fused=fused), Activation("relu", fused=fused), Flatten(),
+                       Dense(8, use_bias=False, fused=fused), BatchNorm(scale=False, fused=fused),
+                       Activation("relu", fused=fused), Dense(4, fused=fused)])
+
+
+def test_a_conv_bn_model_on_the_fast_paths_has_the_formulas_loss_and_gradients_and_the_by_hand_ones():
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.random((16, 10, 10, 1)), tf.float32)
+    labels = tf.constant(rng.integers(0, 4, 16), tf.int32)
+    results = {}
+    for fused in (True, False):
+        model = small_conv_bn(fused)
+        model.build(images.shape)
+        with tf.GradientTape() as tape:
+            loss = softmax_cross_entropy(model(images, training=True), labels)
+        results[fused] = (loss, tape.gradient(loss, model.trainable_variables))
+    model = small_conv_bn(True)
+    model.build(images.shape)
+    by_hand = backprop.gradients(model, softmax_cross_entropy, images, labels, model.trainable_variables)
+    assert_rounding_close(results[True][0], results[False][0], ulps=4)
+    assert_rounding_close(by_hand[0], results[False][0], ulps=4)
+    for fast, formula in zip(*(results[fused][1] for fused in (True, False))):
+        assert_rounding_close(fast, formula, ulps=64)  # three layers of rounding differences compound
+    for hand, formula in zip(by_hand[2], results[False][1]):
+        assert_rounding_close(hand, formula, ulps=64)
+
+
+def conv_bn_steps(seed):
+    """(model, optimizer, step): a small conv + fused BatchNorm + relu model and its compiled Adam step."""
+    tf.random.set_seed(seed)
+    model = Sequential([Conv2D(4, 3, strides=2, use_bias=False), BatchNorm(scale=False), Activation("relu"),
+                        Flatten(), Dense(8, activation="relu"), BatchNorm(), Dense(4)])
+    model.build((None, 8, 8, 1))
+    optimizer = Adam(0.01)
+    optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            loss = softmax_cross_entropy(model(images, training=True), labels)
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
+    return model, optimizer, step
+
+
+def test_a_run_on_the_fast_paths_resumes_bit_identically(tmp_path):
+    """Six steps straight against three steps, a checkpoint, and three steps of a model built with another seed:
+    every variable (weights, moving statistics, Adam's slots and step) bit-identical."""
+    rng = np.random.default_rng(0)
+    batches = [(tf.constant(rng.random((16, 8, 8, 1)), tf.float32), tf.constant(rng.integers(0, 4, 16), tf.int32))
+               for _ in range(6)]
+    model, optimizer, step = conv_bn_steps(seed=1)
+    for images, labels in batches[:3]:
+        step(images, labels)
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(tmp_path / "ckpt"))
+    for images, labels in batches[3:]:
+        step(images, labels)
+    resumed, resumed_optimizer, resumed_step = conv_bn_steps(seed=7)
+    tf.train.Checkpoint(model=resumed, optimizer=resumed_optimizer).read(path).assert_consumed()
+    for images, labels in batches[3:]:
+        resumed_step(images, labels)
+    assert len(model.variables) == 12 and int(resumed_optimizer.step.numpy()) == 6
+    for a, b in zip(model.variables + optimizer.variables, resumed.variables + resumed_optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
