@@ -1,4 +1,4 @@
-"""The codelab from Python, for notebooks and scripts (docs/notebooks.md).
+"""The codelab from Python, for notebooks and scripts (README: the lessons as notebooks).
 
     from lab import mnist, settings, build, fit, LiveCurves, show_mistakes
     data = mnist()
