@@ -2,13 +2,21 @@
 draw a "1" with the mouse and a "0" with a pen (a "1" by touch at phone width), upload a photo, and check the
 prediction, every layer's panel, that nothing was fetched from outside 127.0.0.1, the accessibility basics and
 the phone-width layout. Screenshots go to the test's temporary directory, and also to $TF_BY_HAND_SCREENSHOTS
-if set (README's pictures: TF_BY_HAND_SCREENSHOTS=docs python -m pytest tests/test_serve_browser.py)."""
+if set. The page serves the tests' quickly trained conv model (no dropout), or the export in
+$TF_BY_HAND_SERVE_MODEL. README's pictures, of the codelab's conv network (its 7 layers, dropout included):
+
+  python train.py --model=conv --run_name=conv
+  TF_BY_HAND_SCREENSHOTS=docs TF_BY_HAND_SERVE_MODEL=runs/conv/saved_model python -m pytest tests/test_serve_browser.py
+"""
 import base64
 import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +37,30 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 WAIT_SECONDS = 60
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def page_url(request):
+    """The URL of serve.py's page: conftest's server of the tests' conv model, or, with $TF_BY_HAND_SERVE_MODEL,
+    `python serve.py --model_dir=$TF_BY_HAND_SERVE_MODEL --port=0` started here (127.0.0.1)."""
+    model_dir = os.environ.get("TF_BY_HAND_SERVE_MODEL")
+    if not model_dir:
+        yield request.getfixturevalue("serve_url")
+        return
+    process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"--model_dir={model_dir}", "--port=0"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        assert " at http://" in line, f"serve.py did not start: {line!r}"
+        yield line.split(" at ")[1].split()[0]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +78,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page(browser, serve_url):
+def page(browser, page_url):
     """The page loaded and built for the model: (driver, the model's description from /api/model)."""
-    with urllib.request.urlopen(serve_url + "api/model", timeout=30) as response:
+    with urllib.request.urlopen(page_url + "api/model", timeout=30) as response:
         model = json.load(response)
-    browser.get(serve_url)
+    browser.get(page_url)
     WebDriverWait(browser, WAIT_SECONDS).until(
         lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
     return browser, model
@@ -116,7 +148,7 @@ def save_screenshot(driver, name, tmp_path):
     return data
 
 
-def test_draw_a_one_and_a_zero_and_watch_every_layer(page, serve_url, tmp_path):
+def test_draw_a_one_and_a_zero_and_watch_every_layer(page, page_url, tmp_path):
     driver, model = page
     before = updates(driver)
     draw(driver, ONE, "mouse")
@@ -153,12 +185,12 @@ def test_draw_a_one_and_a_zero_and_watch_every_layer(page, serve_url, tmp_path):
     assert 40 < seen < 400
 
     assert save_screenshot(driver, "serve.png", tmp_path)[:8] == b"\x89PNG\r\n\x1a\n"
-    assert_only_local_requests(driver, serve_url)
+    assert_only_local_requests(driver, page_url)
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
 
 
-def assert_only_local_requests(driver, serve_url):
+def assert_only_local_requests(driver, page_url):
     """Every request the browser sent (its network log and the page's resource timing) went to the server."""
     sent = []
     for entry in driver.get_log("performance"):
@@ -167,11 +199,11 @@ def assert_only_local_requests(driver, serve_url):
             sent.append(message["params"]["request"]["url"])
     sent += driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert any(url.endswith("/api/predict") for url in sent)
-    outside = [url for url in sent if not (url.startswith(serve_url) or url.startswith("data:"))]
+    outside = [url for url in sent if not (url.startswith(page_url) or url.startswith("data:"))]
     assert outside == []
 
 
-def test_upload_a_photo(page, serve_url, mnist_dir, tmp_path):
+def test_upload_a_photo(page, page_url, mnist_dir, tmp_path):
     """A test digit enlarged 10x as dark ink on light paper, chosen with the upload button: the page shows the
     class the API gives for the same file."""
     from quick_mnist_model import mnist_test_set
@@ -181,7 +213,7 @@ def test_upload_a_photo(page, serve_url, mnist_dir, tmp_path):
     k = int(np.flatnonzero(labels == 7)[0])
     photo = tmp_path / "seven.png"
     Image.fromarray(255 - images[k]).resize((280, 280), Image.BILINEAR).save(photo)
-    request = urllib.request.Request(serve_url + "api/predict", headers={"Content-Type": "application/json"},
+    request = urllib.request.Request(page_url + "api/predict", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"png": base64.b64encode(photo.read_bytes()).decode()}).encode())
     with urllib.request.urlopen(request, timeout=60) as response:
         expected = json.load(response)["class"]
