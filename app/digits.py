@@ -16,6 +16,10 @@ field so that its centre of mass sits at the centre. `to_mnist` does the same to
   7. pasted into 28x28 so that the centre of mass (row, col) = sum(p * index) / sum(p) lands on (14, 14)
      (integer shift, as MNIST's: its centres of mass are 14.0 +- 0.5), then scaled so the brightest pixel is 1.
 
+Every picture costs a bounded amount of memory and time, whatever its bytes declare: more than MAX_PIXELS pixels
+(after a JPEG's reduced-scale decoding) or an aspect ratio beyond MAX_ASPECT:1 is refused from the header, before
+decoding, and a decoded picture is shrunk (box filter) to at most WORK_SIDE px a side before step 1's floats.
+
 The codelab's digits.json (one JSON object per line, {"image": 28x28 floats in [0, 1]}) is already in MNIST
 form and is only checked, not transformed.
 """
@@ -25,7 +29,7 @@ import os
 import stat
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, ImageStat, UnidentifiedImageError
 
 IMAGE_SIZE = 28
 BOX_SIZE = 20
@@ -37,6 +41,14 @@ JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 # Larger pictures are refused before they are decoded (a small PNG can decode to gigabytes); JPEGs are first
 # decoded at a reduced scale (PIL's draft), which brings most photos under the budget.
 MAX_PIXELS = 50_000_000
+# A digit is at most this elongated (MNIST's narrowest 1s are about 20 x 2 px of ink, in a picture with margins).
+MAX_ASPECT = 20
+# The preparation works on pictures of at most WORK_SIDE x WORK_SIDE pixels (25x MNIST's 20 px box): its
+# memory and time are O(WORK_SIDE^2) whatever the picture's size; larger pictures are shrunk first (box filter:
+# a 1 px stroke fades by the shrinking factor, and reads as blank in pictures above WORK_SIDE / MIN_CONTRAST,
+# about 3,400 px).
+WORK_SIDE = 512
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
 class DigitError(ValueError):
@@ -73,19 +85,26 @@ def open_regular(path):
 
 
 def load_grey(path):
-    """Reads an image file (PNG, JPEG, ...) -> grey float32 [H, W] in [0, 1] (EXIF rotation applied).
-
-    Pictures above MAX_PIXELS (after a JPEG's reduced-scale decoding) are refused from their header, before
-    any pixel is decoded."""
+    """Reads an image file (PNG, JPEG, ...) -> grey float32 [H, W] in [0, 1] (EXIF rotation applied), at most
+    WORK_SIDE px a side; refused from its header (DigitError) as read_grey refuses."""
     name = os.fspath(path)
     with open_regular(name) as f:
         return read_grey(f, name)
 
 
+def prepare(source, name, max_pixels=None):
+    """A binary file object or bytes stream of a picture of one digit -> MNIST-style x [28, 28] float32 in
+    [0, 1]: read_grey then to_mnist, in memory and time bounded by `max_pixels` (decoding, default MAX_PIXELS)
+    and WORK_SIDE (preparation) whatever the bytes declare. Raises PictureTooLarge above the pixel budget,
+    NotAPicture for bytes PIL cannot read, DigitError (one line naming `name`) for any other unusable picture."""
+    return to_mnist(read_grey(source, name, max_pixels), name)
+
+
 def read_grey(source, name, max_pixels=None):
     """A binary file object or bytes stream of a picture (PNG, JPEG, ...) -> grey float32 [H, W] in [0, 1], as
-    load_grey; a picture of more than `max_pixels` pixels (after a JPEG's reduced-scale decoding) is refused
-    from its header, before any pixel is decoded (default: MAX_PIXELS). `name` names the picture in errors."""
+    load_grey. Refused from the header, before any pixel is decoded: more than `max_pixels` pixels after a
+    JPEG's reduced-scale decoding (PictureTooLarge; default MAX_PIXELS), an aspect ratio beyond MAX_ASPECT:1
+    (DigitError). The decoded picture is shrunk to at most WORK_SIDE px a side. `name` names it in errors."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(source) as image:
@@ -94,9 +113,10 @@ def read_grey(source, name, max_pixels=None):
             if image.width * image.height > max_pixels:
                 raise PictureTooLarge(f"{name}: picture of {image.width:,} x {image.height:,} pixels is larger "
                                       f"than {max_pixels / 1_000_000:g} megapixels; scale it down first")
+            _check_aspect(image.size, name)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _grey(image)
+            ImageOps.exif_transpose(image, in_place=True)
+            g = _grey(image)
     except DigitError:
         raise
     except UnidentifiedImageError:
@@ -104,6 +124,19 @@ def read_grey(source, name, max_pixels=None):
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DigitError(f"{name}: cannot read image ({reason})") from None
+    if not np.isfinite(g).all():
+        raise DigitError(f"{name}: image has NaN or infinite values")
+    return g
+
+
+def _check_aspect(size, name):
+    """DigitError for a picture (w, h) more elongated than MAX_ASPECT:1, or without pixels."""
+    w, h = size
+    if min(w, h) == 0:
+        raise DigitError(f"{name}: picture of {w:,} x {h:,} pixels has no pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise DigitError(f"{name}: picture of {w:,} x {h:,} pixels is more elongated than {MAX_ASPECT}:1, "
+                         f"not one digit; crop it to the digit")
 
 
 def _scaled_size(size, pixels):
@@ -113,42 +146,62 @@ def _scaled_size(size, pixels):
     return max(1, int(size[0] * factor)), max(1, int(size[1] * factor))
 
 
+def _work_size(size):
+    """(w, h) shrunk by one factor so that the longer side is at most WORK_SIDE (each side at least 1)."""
+    scale = min(1.0, WORK_SIDE / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _shrunk(image):
+    """A PIL image ("L" or "F") at most WORK_SIDE px a side, box-filtered: each pixel the mean of its footprint,
+    so a thin stroke stays, fainter, and step 3 stretches its contrast back."""
+    size = _work_size(image.size)
+    return image if size == image.size else image.resize(size, Image.BOX)
+
+
 def _grey(image):
-    """PIL image -> g [H, W] float32 in [0, 1]; alpha composited on the colour that contrasts with the ink."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        g = np.asarray(image, dtype=np.float32)
-        brightest = float(np.nanmax(g)) if g.size and not np.isnan(g).all() else 0.0
+    """PIL image -> g [H, W] float32 in [0, 1], at most WORK_SIDE px a side: any mode (palette, CMYK, 16-bit,
+    float), alpha composited on the colour that contrasts with the ink. Made at full size in 8-bit PIL images
+    (or one float image for 16-bit and float pictures), then shrunk: the floats are O(WORK_SIDE^2)."""
+    if image.mode in HIGH_DEPTH_MODES:
+        f = image.convert("F")
+        brightest = f.getextrema()[1]
         top = 1.0 if image.mode == "F" and brightest <= 1.0 else 255.0 if brightest <= 255 else 65535.0
-        return np.clip(g / top, 0.0, 1.0)
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        return np.clip(np.asarray(_shrunk(f), dtype=np.float32) / np.float32(top), 0.0, 1.0)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+        (image.mode == "P" and "transparency" in image.info)
     if not has_alpha:
-        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        grey = image if image.mode == "L" else image.convert("L")
+        return np.asarray(_shrunk(grey), dtype=np.float32) / np.float32(255)
     rgba = image.convert("RGBA")
-    g = np.asarray(rgba.convert("L"), dtype=np.float32) / 255.0
-    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
-    if alpha.min() >= 1.0:
-        return g
-    opaque = alpha > 0.5
-    ink = float(g[opaque].mean()) if opaque.any() else 0.0
-    background = 1.0 if ink < 0.5 else 0.0
-    return alpha * g + (1.0 - alpha) * background
+    g, alpha = rgba.convert("L"), rgba.getchannel("A")
+    del rgba
+    if alpha.getextrema()[0] < 255:
+        opaque = alpha.point(lambda a: 255 if a > 127 else 0)
+        ink = ImageStat.Stat(g, mask=opaque).mean[0] / 255 if opaque.getbbox() else 0.0
+        background = Image.new("L", g.size, 255 if ink < 0.5 else 0)
+        g = Image.composite(g, background, alpha)
+    return np.asarray(_shrunk(g), dtype=np.float32) / np.float32(255)
 
 
 def to_mnist(grey, name="image"):
     """Grey picture [H, W] (floats in [0, 1] or uint8) of one digit -> MNIST-style x [28, 28] float32 in [0, 1].
 
-    Raises DigitError (naming `name`) for a wrong shape or a blank picture. See the module docstring.
+    Raises DigitError (naming `name`) for a wrong shape, an aspect ratio beyond MAX_ASPECT:1 or a blank
+    picture. A picture larger than WORK_SIDE px a side is shrunk first. See the module docstring.
     """
     g = np.asarray(grey)
     if g.dtype == np.uint8:
         g = g.astype(np.float32) / 255.0
-    g = g.astype(np.float32)
+    g = g.astype(np.float32, copy=False)
     if g.ndim == 3 and g.shape[-1] == 1:
         g = g[..., 0]
     if g.ndim != 2 or g.size == 0:
         raise DigitError(f"{name}: expected a 2-D grey image, got shape {list(g.shape)}")
+    _check_aspect(g.shape[::-1], name)
     if not np.isfinite(g).all():
         raise DigitError(f"{name}: image has NaN or infinite values")
+    g = _shrunk_array(g)
     x = _ink(g, name)
     if min(x.shape) >= 64:
         x = _despeckle(x)
@@ -156,6 +209,11 @@ def to_mnist(grey, name="image"):
     x = x[rows, cols]
     x = _thicken(x)
     return _centre(_scale_to_box(x))
+
+
+def _shrunk_array(g):
+    """g [H, W] float32 at most WORK_SIDE px a side (box filter)."""
+    return g if max(g.shape) <= WORK_SIDE else np.asarray(_shrunk(Image.fromarray(g)))
 
 
 def _ink(g, name):
@@ -354,7 +412,8 @@ def read_inputs(path):
     name = os.fspath(path)
     if name.lower().endswith(JSON_SUFFIXES):
         return read_digits_json(name)
-    return [(name, to_mnist(load_grey(name), name))]
+    with open_regular(name) as f:
+        return [(name, prepare(f, name))]
 
 
 def preview(images, captions=(), scale=4, columns=10):
