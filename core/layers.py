@@ -222,11 +222,12 @@ class BatchNorm(Layer):
     with `synchronized` those of the global batch (core.distribute.cross_replica_moments). The moving
     statistics are ON_READ / MEAN: one copy per replica, read (saved, exported) as their mean.
 
-    fused (default): the whole formula runs as one kernel, FusedBatchNormV3 ([N, C] as [N, 1, 1, C]), in
-    training and inference, equal to the formula to float32 rounding (tests/test_fast_paths.py); it takes a
-    16-bit x with float32 gamma, beta and statistics (`mixed_input`). fused=False: the formula's ops, the
-    reference. The formula also runs where the kernel cannot: float64 variables, and training with
-    `synchronized`. The hand-written backward pass (`forward_with_cache`, `backward`) is always the formula's.
+    fused (default): for x [N, H, W, C] the whole formula runs as one kernel, FusedBatchNormV3, in training and
+    inference, equal to the formula to float32 rounding (tests/test_fast_paths.py); it takes a 16-bit x with
+    float32 gamma, beta and statistics (`mixed_input`). fused=False: the formula's ops, the reference. The formula
+    also runs where the kernel does not pay or cannot run: x [N, C] (as [N, 1, 1, C] the kernel measured 3x
+    slower than the formula), float64 variables, and training with `synchronized`. The hand-written backward
+    pass (`backward`) is always the formula's.
     """
 
     def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True, synchronized=False, fused=True,
@@ -247,7 +248,10 @@ class BatchNorm(Layer):
     def mixed_input(self):
         """Whether the layer takes a 16-bit x and keeps its variables and statistics in float32 (the fused
         kernel does; the formula's ops need one dtype, so mixed precision casts x up for them)."""
-        return self.fused and not self.synchronized and self.moving_mean.dtype == tf.float32
+        return self.fused and not self.synchronized and self._fusable()
+
+    def _fusable(self):
+        return self.built and len(self.input_shape) == 4 and self.moving_mean.dtype == tf.float32
 
     def _create_variables(self, input_shape):
         c = input_shape[-1]
@@ -267,7 +271,7 @@ class BatchNorm(Layer):
 
     def _normalized(self, x, training):
         """(y, mean, variance) by the fused kernel where it applies, else by the formula's ops."""
-        if self.fused and not (training and self.synchronized) and self.moving_mean.dtype == tf.float32:
+        if self.fused and not (training and self.synchronized) and self._fusable():
             return self._fused(x, training)
         mean, variance = self._statistics(x, training)
         return self._normalize(x, mean, variance), mean, variance
@@ -277,23 +281,27 @@ class BatchNorm(Layer):
         moving statistics updated) or y = FusedBatchNormV3(x, gamma, beta, moving_mean, moving_variance)
         (inference). The kernel returns the unbiased variance sum (x - mean)^2 / (n - 1), so it is multiplied by
         (n - 1) / n: the formula's biased variance, which the moving average gets. x may be 16-bit; the rest is in
-        the variables' dtype."""
+        the variables' dtype. oneDNN's bfloat16 kernel covers channel counts in multiples of 16; for others it
+        falls back to a reference kernel (measured 2.7x slower than the float32 formula), so such an x is cast to
+        float32 for the kernel and y back (the float32 kernel with both casts measured 0.3-0.7x the formula)."""
         c = self.moving_mean.shape[0]
         dtype = self.moving_mean.dtype
-        x4 = x if x.shape.rank == 4 else tf.reshape(x, [-1, 1, 1, c])
+        if x.dtype != dtype and c % 16:
+            y, mean, variance = self._fused(tf.cast(x, dtype), training)
+            return tf.cast(y, x.dtype), mean, variance
         gamma = self.gamma if self.scale else tf.ones([c], dtype)
         beta = self.beta if self.center else tf.zeros([c], dtype)
         if training:
-            y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(x4, gamma, beta, epsilon=self.epsilon)
-            n = tf.cast(tf.size(x4) // c, dtype)
+            y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=self.epsilon)
+            n = tf.cast(tf.size(x) // c, dtype)
             variance = unbiased * ((n - 1.0) / n)
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
         else:
             mean, variance = self.moving_mean, self.moving_variance
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(x4, gamma, beta, mean, variance, epsilon=self.epsilon,
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean, variance, epsilon=self.epsilon,
                                                        is_training=False)
-        return (y if x.shape.rank == 4 else tf.reshape(y, tf.shape(x))), mean, variance
+        return y, mean, variance
 
     def _statistics(self, x, training):
         """(mean, variance) [C]: the batch's, moving statistics updated (training), or the moving ones."""

@@ -49,7 +49,8 @@ def batch_norm_weights(c, seed=1):
 @pytest.mark.parametrize("shape", [(16, 5, 4, 6), (32, 7)], ids=["NHWC", "NC"])
 @pytest.mark.parametrize("center,scale", [(True, True), (True, False)])
 def test_fused_batch_norm_equals_the_formula_forward_gradients_and_moving_statistics(shape, center, scale):
-    """Three training steps then inference: y, dL/dx, dL/dgamma, dL/dbeta and the moving statistics."""
+    """Three training steps then inference: y, dL/dx, dL/dgamma, dL/dbeta and the moving statistics ([N, C] runs
+    the formula on both paths)."""
     weights = batch_norm_weights(shape[-1])
     layers = {fused: BatchNorm(momentum=0.9, center=center, scale=scale, fused=fused) for fused in (True, False)}
     for step in range(3):
@@ -86,11 +87,13 @@ def test_fused_batch_norm_keeps_kerass_moving_variance_the_biased_one():
     np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [6, 16], ids=["cast_to_float32", "bfloat16_kernel"])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training):
+def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training, channels):
     """bfloat16 x in, bfloat16 y out, float32 statistics; y and dL/dx within bfloat16's precision of the float32
-    formula on the same (rounded) x, the moving statistics (accumulated in float32) to float32 rounding."""
-    shape = (16, 5, 4, 6)
+    formula on the same (rounded) x, the moving statistics (accumulated in float32) to float32 rounding. 16
+    channels run the bfloat16 kernel; 6 the float32 kernel between casts."""
+    shape = (16, 5, 4, channels)
     weights = batch_norm_weights(shape[-1])
     x16 = tf.cast(tf.constant(np.random.default_rng(3).normal(1.0, 2.0, shape), tf.float32), tf.bfloat16)
     fast_layer, formula_layer = BatchNorm(fused=True), BatchNorm(fused=False)
@@ -104,8 +107,9 @@ def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training):
     y, dx = (tf.cast(t, tf.float32).numpy() for t in (y, dx))
     np.testing.assert_allclose(y, y32.numpy(), atol=2 ** -8 * np.max(np.abs(y32)))
     np.testing.assert_allclose(dx, dx32.numpy(), atol=2 ** -7 * np.max(np.abs(dx32)))
-    for name in grads32:
-        np.testing.assert_allclose(grads[name].numpy(), grads32[name].numpy(), rtol=2 ** -7, atol=2 ** -7)
+    for name in grads32:  # sums of bfloat16 products: off by a fraction of the largest
+        np.testing.assert_allclose(grads[name].numpy(), grads32[name].numpy(),
+                                   atol=2 ** -7 * np.max(np.abs(grads32[name])))
     for name in ("moving_mean", "moving_variance"):
         assert_rounding_close(getattr(fast_layer, name).numpy(), getattr(formula_layer, name).numpy(), ulps=8)
 
