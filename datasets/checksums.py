@@ -4,7 +4,7 @@
 
 A file's version is its absolute path, size and modification time (ns). Verdicts are kept in memory and in
 <user cache dir>/tf-by-hand/md5.json ($XDG_CACHE_HOME, else ~/.cache), so a data directory is hashed once,
-not at every start (MNIST's 47 MB of training images take about 0.3-0.6 s). The data directory itself is
+not at every start (MNIST's four .gz files take 0.5-0.6 s on 2 busy CPU cores). The data directory itself is
 never written (it may be read-only); a cache file that cannot be read or written is ignored.
 """
 import json

@@ -530,7 +530,7 @@ def test_missing_file_and_directory(tmp_path):
     with pytest.raises(DataError, match="nowhere: data directory not found; .*--data_dir DIR"):
         idx.validate(tmp_path / "nowhere")
     with pytest.raises(DataError, match=rf"^no MNIST files in {tmp_path}/nowhere \(no such directory\); to use "):
-        datasets.prepare(tmp_path / "nowhere")  # a directory the user names is never created, nor downloaded into
+        datasets.prepare(tmp_path / "nowhere", download=False)  # a directory the user names is never created
     assert not (tmp_path / "nowhere").exists()
 
 
