@@ -179,10 +179,11 @@ class Interrupted(RunError):
         self.code = code
 
 
-def fail(message, code):
-    """One line on stderr, then exit with `code`."""
+def fail(message, code, error=True):
+    """One line on stderr ("train.py: error: ...", or without "error:" for a deliberate stop), then exit with
+    `code`."""
     sys.stdout.flush()
-    print(f"{PROGRAM}: error: {message}", file=sys.stderr, flush=True)
+    print(f"{PROGRAM}: {'error: ' if error else ''}{message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -257,8 +258,9 @@ def describe_training(config):
     dropout = f", dropout {config.dropout:g}" if config.dropout else ", no dropout"
     by_hand = ", gradients by hand" if config.gradients == "by_hand" else ""
     xla = ", step compiled by XLA" if config.jit_compile else ""
+    precision = f", mixed precision ({config.precision})" if config.precision != "float32" else ""
     return (f"{config.optimizer} {describe_schedule(config)}, batch {config.batch_size}, "
-            f"{plural(config.epochs, 'epoch')}{steps}{dropout}{by_hand}{xla}")
+            f"{plural(config.epochs, 'epoch')}{steps}{dropout}{by_hand}{xla}{precision}")
 
 
 def list_models(registry):
@@ -441,9 +443,9 @@ def load_data(config):
     from datasets import idx
     try:
         data_dir = datasets.prepare(config.data_dir, config.dataset, download=True, progress=config.progress)
+        shape = idx.describe(data_dir)
         train = idx.load(data_dir, "train")
         test = idx.load(data_dir, "test")
-        shape = idx.describe(data_dir)
     except idx.DataError as error:
         raise RunError(str(error)) from None
     if config.validation == "holdout":
@@ -470,9 +472,11 @@ def find_learning_rate(config, path="lr_find.png", out=print):
 def run(config, out=print):
     """Trains `config.model` as configured and returns the figures written to metrics.json.
 
-    The strategy is made first (before any op: --cpu_devices splits the CPU), then the run directory is claimed
-    (claim_run_dir) and held until the end. Under --strategy=multi_worker only the chief claims and writes the
-    run; every other worker reads the chief's directory (to resume) and writes a temporary copy it removes.
+    The strategy is made first (before any op: --cpu_devices splits the CPU), then the data is read and checked
+    with the flags that depend on it (check_data), and only then is the run directory claimed (claim_run_dir)
+    and held until the end; a start that fails before writing into a new run directory removes it. Under
+    --strategy=multi_worker only the chief claims and writes the run; every other worker reads the chief's
+    directory (to resume) and writes a temporary copy it removes.
     Raises FlagError (bad settings found once the data is known, a run or export directory that cannot be used
     or resumed), RunError (data, non-finite loss, checkpoint or export problems, a lost worker) and Interrupted
     (SIGINT, SIGTERM), each with a one-line message.
@@ -481,25 +485,37 @@ def run(config, out=print):
         raise FlagError("--strategy=multi_worker needs --run_name: every worker must name the same run")
     strategy = make_strategy(config)
     from core import distribute
+    data = check_data(config, strategy, out)
     claimed = claim_run_dir(config) if distribute.is_chief(strategy) else None
     run_dir = claimed.path if claimed else os.path.join(os.path.expanduser(config.logdir), config.run_name)
     try:
         with lost_workers(strategy, config.collective_timeout):
-            return train_in(run_dir, config, strategy, out)
-    except KeyboardInterrupt as interrupt:  # outside the training loop, or a second signal inside it
-        raise Interrupted(interrupted(run_dir, interrupt), getattr(interrupt, "exit_code", 130)) from None
+            return train_in(run_dir, config, strategy, data, out)
+    except BaseException as error:
+        discarded = claimed is not None and claimed.discard()
+        if isinstance(error, KeyboardInterrupt):  # outside the training loop, or a second signal inside it
+            raise Interrupted(interrupted(run_dir, error, resume_hint(config, run_dir), discarded),
+                              getattr(error, "exit_code", 130)) from None
+        raise
     finally:
         if claimed:
             claimed.release()
 
 
-def interrupted(run_dir, interrupt):
+def resume_hint(config, run_dir):
+    """How to resume the run in `run_dir`: the same command, and its --run_name when the command lacks one."""
+    named = "" if config.run_name else f" and --run_name={os.path.basename(run_dir)}"
+    return f"resume with the same command{named}"
+
+
+def interrupted(run_dir, interrupt, hint, discarded=False):
     """The one line for a run ended by a signal outside the training loop: what is kept, how to resume."""
     from core.checkpoint import on_disk
-    what = f"interrupted ({getattr(interrupt, 'name', 'SIGINT')})"
+    what = f"stopped by {getattr(interrupt, 'name', 'SIGINT')}"
+    if discarded:
+        return f"{what} during start-up; nothing was written"
     if on_disk(os.path.join(run_dir, "checkpoints")):
-        return (f"{what}; the last checkpoint in {run_dir} is kept: run the same command with "
-                f"--run_name={os.path.basename(run_dir)} to resume")
+        return f"{what}; the last checkpoint in {run_dir} is kept: {hint}"
     return f"{what} before the first checkpoint; nothing to resume in {run_dir}"
 
 
@@ -531,17 +547,34 @@ def lost_workers(strategy, timeout):
                        f"checkpoint") from None
 
 
-def train_in(run_dir, config, strategy, out=print):
-    """run()'s work for the run in `run_dir` (claimed by this process, or the chief's under multi_worker)."""
+def check_data(config, strategy, out=print):
+    """The data, read and checked with the flags that depend on it, before any run directory is claimed:
+    ((train, validation, test), (image shape, number of classes), steps per epoch). FlagError or RunError."""
+    from core import distribute
+    try:
+        distribute.replica_batch_size(config.batch_size, strategy)
+    except distribute.DistributeError as error:
+        raise FlagError(str(error)) from None
+    train, validation, test, data_shape = load_data(config)
+    train_count = int(train.cardinality())
+    full_epoch = train_count // config.batch_size
+    if full_epoch < 1:
+        raise FlagError(f"--batch_size={config.batch_size} is larger than the {train_count:,} training images")
+    if config.steps_per_epoch and config.steps_per_epoch > full_epoch:
+        out(f"note: {config.steps_per_epoch} steps per epoch is more than one pass over {train_count:,} "
+            f"images at batch {config.batch_size}; using {full_epoch}")
+    return (train, validation, test), data_shape, min(config.steps_per_epoch or full_epoch, full_epoch)
+
+
+def train_in(run_dir, config, strategy, data, out=print):
+    """run()'s work for the run in `run_dir` (claimed by this process, or the chief's under multi_worker) on
+    check_data's `data`."""
     tf = load_tensorflow()
     from core import distribute
     from models import REGISTRY
 
     spec = REGISTRY[config.model]
-    try:
-        distribute.replica_batch_size(config.batch_size, strategy)
-    except distribute.DistributeError as error:
-        raise FlagError(str(error)) from None
+    splits, (image_shape, num_classes), steps_per_epoch = data
     resuming = check_resume(config, run_dir)
     # The chief writes the run; another worker takes part in every save but writes into a temporary copy.
     writes = distribute.WorkerDirectory(run_dir, strategy)
@@ -551,16 +584,6 @@ def train_in(run_dir, config, strategy, out=print):
         else:  # a copy nobody reads: exporting reads every replica, so every worker exports
             export_dirs = [os.path.join(writes.path, "saved_model")] + (
                 [os.path.join(writes.path, "export")] if config.export_dir else [])
-        train, validation, test, (image_shape, num_classes) = load_data(config)
-        train_count = int(train.cardinality())
-        full_epoch = train_count // config.batch_size
-        if full_epoch < 1:
-            raise FlagError(f"--batch_size={config.batch_size} is larger than the {train_count:,} training images")
-        steps_per_epoch = min(config.steps_per_epoch or full_epoch, full_epoch)
-        if config.steps_per_epoch and config.steps_per_epoch > full_epoch:
-            out(f"note: {config.steps_per_epoch} steps per epoch is more than one pass over {train_count:,} "
-                f"images at batch {config.batch_size}; using {full_epoch}")
-
         tf.config.experimental.enable_op_determinism()
         tf.random.set_seed(config.seed)
         schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -571,8 +594,7 @@ def train_in(run_dir, config, strategy, out=print):
             model.build((None, *image_shape))
             optimizer = make_optimizer(config, schedule)
         return train_and_export(config, strategy, spec, model, optimizer, schedule, run_dir, writes.path,
-                                export_dirs, resuming, (train, validation, test), (image_shape, num_classes),
-                                steps_per_epoch, out)
+                                export_dirs, resuming, splits, (image_shape, num_classes), steps_per_epoch, out)
     finally:
         writes.cleanup()
 
@@ -601,7 +623,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     if config.strategy != "default":
         per_replica = plural(distribute.replica_batch_size(config.batch_size, strategy), "image")
         out(f"  {distribute.describe(strategy)}; {per_replica} per replica"
-            + ("" if chief else "; the chief writes the run"))
+            + ("" if chief else "; the chief writes the run") + one_cpu_hint(config, strategy))
 
     # The applied gradients, kept for TensorBoard; not in mixed precision, whose step computes its own gradients
     # (core/precision.py), so TensorBoard shows no gradients rather than zeros.
@@ -639,8 +661,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
         raise RunError(str(error)) from None
     if stop.signum:
         raise Interrupted(f"stopped by {stop.name} at step {int(optimizer.step.numpy()):,}; its checkpoint is in "
-                          f"{trainer.checkpointer.latest}: run the same command with "
-                          f"--run_name={os.path.basename(chief_run_dir)} to resume", stop.exit_code)
+                          f"{trainer.checkpointer.latest}: {resume_hint(config, chief_run_dir)}", stop.exit_code)
     results = trainer.evaluate(data.evaluation_batches(test))
 
     exported = [export_model(model, path, chief_run_dir) for path in export_dirs]
@@ -673,8 +694,26 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
         index, count = distribute.worker_index(strategy)
         out(f"worker {index} of {count}: weights sha256 {weights_digest(model)} (every worker prints the same)")
     if chief:
-        report(metrics, config, out)
+        report(metrics, config, out, full_run=codelab_run(config, spec, int(train.cardinality()), steps_per_epoch))
     return metrics
+
+
+def one_cpu_hint(config, strategy):
+    """'; no GPU found: --cpu_devices=2 ...' when --strategy=mirrored found one CPU device only, else ''."""
+    import tensorflow as tf
+    if config.strategy != "mirrored" or strategy.num_replicas_in_sync > 1 or tf.config.list_logical_devices("GPU"):
+        return ""
+    return "; no GPU found: --cpu_devices=2 splits the CPU into 2 devices to try data parallelism"
+
+
+def codelab_run(config, spec, train_count, steps_per_epoch):
+    """{"epochs": the epochs of the model's codelab run (the one its target is for), "reached": whether this
+    run trains on at least as many images}."""
+    codelab = make_config({"model": config.model}, {config.model: spec})
+    full_epoch = train_count // codelab.batch_size
+    codelab_images = codelab.epochs * min(codelab.steps_per_epoch or full_epoch, full_epoch) * codelab.batch_size
+    return {"epochs": codelab.epochs,
+            "reached": config.epochs * steps_per_epoch * config.batch_size >= codelab_images}
 
 
 def weights_digest(model):
@@ -733,16 +772,19 @@ def export_model(model, export_dir, run_dir):
         raise RunError(f"export failed ({type(error).__name__}: {first_line}); {again}") from None
 
 
-def report(metrics, config, out=print):
-    """The closing lines: accuracies, wall time, where everything is."""
+def report(metrics, config, out=print, full_run=None):
+    """The closing lines: accuracies, wall time, where everything is. full_run: codelab_run's answer; a run
+    shorter than the codelab's says that the target is the full run's."""
     run_dir = metrics["run_dir"]
     best = metrics["best_val_accuracy"]
+    target = (f"(target: {metrics['target']})" if full_run is None or full_run["reached"] else
+              f"(target of the full {full_run['epochs']}-epoch run: {metrics['target']})")
     if config.validation == "test" and best is not None:
         out(f"test accuracy: final {percent(metrics['test_accuracy'])}, best {percent(best)} "
-            f"(epoch {metrics['best_epoch']})   (target: {metrics['target']})")
+            f"(epoch {metrics['best_epoch']})   {target}")
     else:
         held_out = f", best held-out {percent(best)} (epoch {metrics['best_epoch']})" if best is not None else ""
-        out(f"test accuracy: final {percent(metrics['test_accuracy'])}{held_out}   (target: {metrics['target']})")
+        out(f"test accuracy: final {percent(metrics['test_accuracy'])}{held_out}   {target}")
     stopped = metrics.get("stopped") or {}
     if stopped.get("reason") == "early_stopping":
         out(f"stopped early after epoch {stopped['stopped_epoch']}: no better {stopped['metric']} than epoch "
@@ -797,12 +839,12 @@ def main(argv):
     except FlagError as error:
         fail(str(error), 2)
     except Interrupted as error:
-        fail(str(error), error.code)
+        fail(str(error), error.code, error=False)
     except RunError as error:
         fail(str(error), 1)
     except KeyboardInterrupt as interrupt:
-        fail(f"interrupted ({getattr(interrupt, 'name', 'SIGINT')}) during start-up; nothing was written",
-             getattr(interrupt, "exit_code", 130))
+        fail(f"stopped by {getattr(interrupt, 'name', 'SIGINT')} during start-up; nothing was written",
+             getattr(interrupt, "exit_code", 130), error=False)
     except OSError as error:  # a file the run writes (a full disk, a directory removed under it)
         where = f"{error.filename}: " if error.filename else ""
         fail(f"{where}{error.strerror or error}", 1)

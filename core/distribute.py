@@ -317,5 +317,5 @@ def describe(strategy):
         return f"multi_worker: worker {index} of {count}, {replicas} replicas in all"
     if isinstance(strategy, tf.distribute.MirroredStrategy):
         devices = ", ".join(device.split("/")[-1].replace("device:", "") for device in strategy.extended.worker_devices)
-        return f"mirrored: {replicas} replicas on {devices}"
+        return f"mirrored: {replicas} replica{'' if replicas == 1 else 's'} on {devices}"
     return "default: one replica"

@@ -14,6 +14,8 @@
   pid, host, start time), so a second process on the same directory stops at once saying who holds it.
 - Before anything runs, the directory and its subdirectories must be writable, and a name must fit the
   file system (PC_NAME_MAX), so these end in one line instead of a failure after training.
+- A start that fails before writing anything leaves nothing behind: `discard()` removes a directory the claim
+  created that holds only its lock file.
 """
 import datetime
 import errno
@@ -50,6 +52,20 @@ class RunDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+
+    def discard(self):
+        """Removes the directory if this claim created it and it still holds only its lock file (a start that
+        failed before writing anything); returns whether it did. Call it before release()."""
+        if not self.created or self._lock_fd is None:
+            return False
+        try:
+            if os.listdir(self.path) != [LOCK_FILE]:
+                return False
+            os.remove(os.path.join(self.path, LOCK_FILE))
+            os.rmdir(self.path)
+        except OSError:  # a process that reopened it by name in the meantime keeps it
+            return False
+        return True
 
     def __enter__(self):
         return self

@@ -83,6 +83,21 @@ def test_release_lets_the_next_claim_in(tmp_path):
     rundir.claim(tmp_path, "r").release()
 
 
+def test_discard_removes_only_an_untouched_directory_the_claim_created(tmp_path):
+    fresh = rundir.claim(tmp_path, prefix="conv")
+    assert fresh.discard() and not os.path.exists(fresh.path)
+    fresh.release()
+    written = rundir.claim(tmp_path, "written")
+    rundir.write_json(os.path.join(written.path, "config.json"), {})
+    assert not written.discard() and sorted(os.listdir(written.path)) == ["config.json", "run.lock"]
+    written.release()
+    (tmp_path / "empty").mkdir()  # the user's empty directory, adopted: it stays
+    adopted = rundir.claim(tmp_path, "empty")
+    assert not adopted.created and not adopted.discard() and (tmp_path / "empty" / "run.lock").exists()
+    adopted.release()
+    assert sorted(os.listdir(tmp_path)) == ["empty", "written"]
+
+
 def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
     foreign = tmp_path / "photos"
     foreign.mkdir()

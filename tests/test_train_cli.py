@@ -217,7 +217,109 @@ def test_unusable_data_gives_one_line_and_exit_code_1(tmp_path):
         (data_dir / name).write_bytes(b"not an IDX file")
     result = train("--model=softmax", f"--data_dir={data_dir}", f"--logdir={tmp_path / 'runs'}", cwd=tmp_path)
     assert_one_error_line(result, 1, r"train-images-idx3-ubyte")
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("ckpt-*"))
+    assert not (tmp_path / "runs").exists()  # the data is checked before a run directory is claimed
+
+
+def config_of(**values):
+    """A tiny softmax run's RunConfig: 1 epoch of 5 steps, logged once, no progress bar; `values` override."""
+    import train as train_module
+    from models import REGISTRY
+    return train_module.make_config({"model": "softmax", "epochs": 1, "steps_per_epoch": 5, "log_every": 5,
+                                     "progress": False, **values}, REGISTRY)
+
+
+def test_a_failed_start_creates_nothing(mnist_dir, tmp_path, monkeypatch):
+    """A --data_dir that does not exist is one line and is not created (nor downloaded into); a data set's name
+    never trains another data set's files; no run directory is left by a start that fails."""
+    import datasets
+    import train as train_module
+    fetched = []
+
+    def offline(url, *args, **kwargs):
+        fetched.append(url)
+        raise datasets.DownloadError(f"cannot download {url}: offline")
+
+    monkeypatch.setattr(datasets, "fetch", offline)
+    monkeypatch.delenv("TF_BY_HAND_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    logdir = tmp_path / "runs"
+    with pytest.raises(train_module.RunError) as caught:
+        train_module.run(config_of(data_dir=str(tmp_path / "nowhere"), logdir=str(logdir)))
+    assert str(caught.value).startswith(f"no MNIST files in {tmp_path}/nowhere (no such directory); to use a local "
+                                        f"copy, put the four IDX files")
+    assert not (tmp_path / "nowhere").exists() and fetched == []
+
+    wrong = (f"{mnist_dir}/train-images-idx3-ubyte.gz: this is MNIST's, not Fashion-MNIST's (content MD5 "
+             f"6bbc9ace898e44ae57da46a324031adb); point --data_dir at Fashion-MNIST's files, or pass --dataset=mnist "
+             f"to train on these")
+    with pytest.raises(train_module.RunError, match=re.escape(wrong)):
+        train_module.run(config_of(dataset="fashion_mnist", data_dir=mnist_dir, logdir=str(logdir)))
+    monkeypatch.setenv("TF_BY_HAND_DATA_DIR", mnist_dir)
+    with pytest.raises(train_module.RunError, match=re.escape(wrong)):
+        train_module.run(config_of(dataset="fashion_mnist", logdir=str(logdir)))
+    assert not logdir.exists() and fetched == []
+
+    monkeypatch.delenv("TF_BY_HAND_DATA_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # offline, nothing in the download cache
+    with pytest.raises(train_module.RunError, match=r"^cannot download https://storage.googleapis.com/\S+: offline; "):
+        train_module.run(config_of(logdir=str(logdir)))
+    assert not logdir.exists() and len(fetched) == 1
+
+    (tmp_path / "mine").mkdir()  # refused once the run directory is claimed: the new directory goes again
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(train_module.FlagError, match="--export_dir: cannot export to"):
+        train_module.run(config_of(data_dir=mnist_dir, logdir=str(logdir), export_dir=str(tmp_path / "mine")))
+    assert list(logdir.iterdir()) == []
+
+
+def test_a_relative_logdir_resumes_quietly_and_the_lines_say_what_runs(mnist_dir, tmp_path, monkeypatch, caplog):
+    """The default --logdir is relative (runs): resuming from it warns about nothing. The start line says that
+    mixed precision is on; a run shorter than the model's codelab run gives its target as the full run's."""
+    import train as train_module
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    train_module.run(config_of(data_dir=mnist_dir, run_name="x", precision="mixed_bfloat16"), out=lines.append)
+    with caplog.at_level("WARNING"):
+        metrics = train_module.run(config_of(data_dir=mnist_dir, run_name="x", precision="mixed_bfloat16",
+                                             epochs=2), out=lines.append)
+    assert metrics["resumed"] and metrics["steps"] == 10 and metrics["run_dir"] == "runs/x"
+    assert "unreadable" not in caplog.text and "trying an older one" not in caplog.text
+    assert lines[1] == ("  7,850 parameters (0 non-trainable); sgd lr = 0.01 (constant), batch 100, 1 epoch, "
+                        "5 steps per epoch, no dropout, mixed precision (mixed_bfloat16)")
+    closing = [line for line in lines if line.startswith("test accuracy:")]
+    assert len(closing) == 2
+    assert all(line.endswith("   (target of the full 100-epoch run: >= 92% test accuracy)") for line in closing)
+
+
+def test_the_target_is_given_plainly_for_a_run_as_long_as_the_codelabs():
+    import train as train_module
+    from models import REGISTRY
+    full = train_module.codelab_run(config_of(epochs=100, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600)
+    assert full == {"epochs": 100, "reached": True}
+    assert train_module.codelab_run(config_of(epochs=99, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600) \
+        == {"epochs": 100, "reached": False}
+    big = train_module.make_config({"model": "conv_bn_big"}, REGISTRY)  # 20 epochs of 500 steps
+    assert train_module.codelab_run(big, REGISTRY["conv_bn_big"], 60_000, 500) == {"epochs": 20, "reached": True}
+    metrics = {"run_dir": "runs/x", "best_val_accuracy": 0.93, "best_epoch": 100, "test_accuracy": 0.925,
+               "target": ">= 92% test accuracy", "stopped": None, "wall_seconds": 60.0, "steps": 60_000,
+               "epochs": 100, "pictures": [], "saved_model": ["runs/x/saved_model"]}
+    lines = []
+    train_module.report(metrics, config_of(epochs=100, steps_per_epoch=None), lines.append, full_run=full)
+    assert lines[0] == "test accuracy: final 92.50%, best 93.00% (epoch 100)   (target: >= 92% test accuracy)"
+
+
+def test_mirrored_on_one_cpu_device_says_how_to_split_it():
+    import types
+
+    import train as train_module
+    from core import distribute
+    one = tf.distribute.MirroredStrategy(["/cpu:0"])
+    assert distribute.describe(one) == "mirrored: 1 replica on CPU:0"
+    config = config_of(strategy="mirrored")
+    assert train_module.one_cpu_hint(config, one) == \
+        "; no GPU found: --cpu_devices=2 splits the CPU into 2 devices to try data parallelism"
+    assert train_module.one_cpu_hint(config, types.SimpleNamespace(num_replicas_in_sync=2)) == ""
+    assert train_module.one_cpu_hint(config_of(), one) == ""
 
 
 def test_non_finite_loss_gives_one_line_and_exit_code_1(mnist_dir, tmp_path):
