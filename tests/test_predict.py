@@ -166,6 +166,19 @@ def predict(*args, cwd=None):
                           capture_output=True, text=True, timeout=600)
 
 
+def predict_here(capfd, monkeypatch, *args, cwd):
+    """predict.py's main in this process, run in `cwd` (its flags parsed as app.run parses them):
+    SimpleNamespace(returncode, stdout, stderr), file descriptors 1 and 2 captured."""
+    import predict as predict_module
+
+    monkeypatch.chdir(cwd)
+    predict_module.FLAGS.unparse_flags()
+    argv = predict_module.FLAGS(["predict.py", *map(str, args)])
+    code = predict_module.main(argv)
+    out, err = capfd.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def parse(stdout):
     lines = stdout.splitlines()
     matches = [LINE.match(line) for line in lines]
@@ -174,7 +187,8 @@ def parse(stdout):
             for m in matches}
 
 
-def test_predict_classifies_rendered_digits_and_digits_json(model_dir, mnist_dir, tmp_path):
+def test_predict_classifies_rendered_digits_and_digits_json(model_dir, mnist_dir, tmp_path, capfd,
+                                                             monkeypatch):
     from quick_mnist_model import mnist_test_set
 
     files, truth = [], {}
@@ -190,8 +204,8 @@ def test_predict_classifies_rendered_digits_and_digits_json(model_dir, mnist_dir
         for image in images[:10]:
             f.write(json.dumps({"image": (image / 255.0).tolist()}) + "\n")
     preview = tmp_path / "seen.png"
-    result = predict("--model_dir", model_dir, "--save_preview", preview, "--top_k=5",
-                     f"--inputs={files[0]},{files[1]}", *files[2:], "digits.json", cwd=tmp_path)
+    result = predict_here(capfd, monkeypatch, "--model_dir", model_dir, "--save_preview", preview, "--top_k=5",
+                          f"--inputs={files[0]},{files[1]}", *files[2:], "digits.json", cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -207,15 +221,15 @@ def test_predict_classifies_rendered_digits_and_digits_json(model_dir, mnist_dir
     assert Image.open(preview).size == (10 * 114 + 2, 4 * (112 + 16 + 2) + 2)
 
 
-def test_predict_reports_bad_inputs_and_classifies_the_rest(model_dir, tmp_path):
+def test_predict_reports_bad_inputs_and_classifies_the_rest(model_dir, tmp_path, capfd, monkeypatch):
     render("3", (90, 90)).save(tmp_path / "three.png")
     render("7", (90, 90)).save(tmp_path / "seven.png")
     Image.new("L", (64, 64), 230).save(tmp_path / "blank.png")
     (tmp_path / "latin1.json").write_bytes(b'{"image": "caf\xe9"}\n')
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     os.mkfifo(tmp_path / "pipe.png")
-    result = predict("--model_dir", model_dir, "three.png", "blank.png", "latin1.json", "deep.json", "pipe.png",
-                     "/dev/zero", "seven.png", "--top_k=1", cwd=tmp_path)
+    result = predict_here(capfd, monkeypatch, "--model_dir", model_dir, "three.png", "blank.png", "latin1.json",
+                          "deep.json", "pipe.png", "/dev/zero", "seven.png", "--top_k=1", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "predict.py: error: blank.png: blank image, no digit found (contrast 0.00 < 0.15)",
@@ -331,3 +345,80 @@ def test_errors_are_one_line_with_an_exit_code(tmp_path, setup, args, code, mess
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("predict.py: error: ")
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_every_array_is_checked_before_the_model_and_a_bad_one_does_not_take_the_others_down(
+        model_dir, mnist_dir, tmp_path, capfd, monkeypatch):
+    """NaN, out-of-range floats, strings, an empty batch: each one line naming its file; integers 0..255 of any
+    type are pixels (with a note); the good inputs are all classified."""
+    from quick_mnist_model import mnist_test_set
+
+    images, _ = mnist_test_set(mnist_dir)
+    render("7", (120, 120)).save(tmp_path / "grey.png")
+    render("7", (120, 120)).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    with_nan = images[:2] / np.float32(255)
+    with_nan[1, 14, 14] = np.nan
+    arrays = {"nan.npy": with_nan, "int64.npy": images[:3].astype(np.int64), "uint8.npy": images[:3],
+              "floats255.npy": images[:2].astype(np.float32), "strings.npy": np.array(["seven"]),
+              "empty.npy": np.zeros((0, 28, 28), np.uint8), "negative.npy": images[:2].astype(np.int16) - 1}
+    for name, array in arrays.items():
+        np.save(tmp_path / name, array)
+    result = predict_here(capfd, monkeypatch, "--model_dir", model_dir, "--top_k=10", "grey.png", "cmyk.jpg",
+                          *arrays, cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "predict.py: error: nan.npy: the array has NaN or infinite values",
+        "predict.py: note: int64.npy: int64 values read as pixels 0..255 (divided by 255)",
+        "predict.py: error: floats255.npy: float32 values must be in [0, 1], found [0, 255] (divide 0..255 pixels "
+        "by 255)",
+        "predict.py: error: strings.npy: an array of <U5; expected pixels: integers 0..255 (uint8) or floats in "
+        "[0, 1]",
+        "predict.py: error: empty.npy: an empty array of shape [0, 28, 28], no images",
+        "predict.py: error: negative.npy: int16 values must be pixels 0..255, found [-1, 254]"]
+    predictions = parse(result.stdout)
+    assert list(predictions) == ["grey.png", "cmyk.jpg", "int64.npy:1", "int64.npy:2", "int64.npy:3",
+                                 "uint8.npy:1", "uint8.npy:2", "uint8.npy:3"]
+    for i in (1, 2, 3):
+        assert predictions[f"int64.npy:{i}"] == predictions[f"uint8.npy:{i}"]
+    (grey_class, grey), (cmyk_class, cmyk) = predictions["grey.png"], predictions["cmyk.jpg"]
+    assert cmyk_class == grey_class
+    assert max(abs(p - dict(grey)[c]) for c, p in cmyk) < 0.02
+
+
+def test_a_large_array_is_memory_mapped_and_classified_in_batches(model_dir, mnist_dir, tmp_path, capfd,
+                                                                  monkeypatch):
+    """20,000 images (the MNIST training set as .npy once took 8.2 GB as one batch): the model sees at most
+    BATCH of them at a time, and this process holds no copy of the file, nor of it as floats."""
+    import tracemalloc
+
+    import predict as predict_module
+    from quick_mnist_model import mnist_test_set
+
+    images, labels = mnist_test_set(mnist_dir)
+    np.save(tmp_path / "big.npy", np.concatenate([images, images]))
+    classifier = predict_module.load_classifier(model_dir)
+    batches = []
+
+    def classify(classifier, images):
+        batches.append((len(images), images.dtype, float(images.min()), float(images.max())))
+        return classifier(images)
+
+    monkeypatch.setattr(predict_module, "load_classifier", lambda path: classifier)
+    monkeypatch.setattr(predict_module, "classify", classify)
+    tracemalloc.start()
+    try:
+        result = predict_here(capfd, monkeypatch, "--model_dir", model_dir, "--top_k=1", "big.npy", cwd=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert result.returncode == 0 and result.stderr == ""
+    assert [n for n, _, _, _ in batches] == [1000] * 20
+    assert all(dtype == np.float32 and 0.0 <= low and high <= 1.0 for _, dtype, low, high in batches)
+    predictions = parse(result.stdout)
+    assert list(predictions) == [f"big.npy:{i}" for i in range(1, 20_001)]
+    classes = np.array([cls for cls, _ in predictions.values()])
+    np.testing.assert_array_equal(classes[:10_000], classes[10_000:])
+    assert (classes[:10_000] == labels).mean() > 0.85
+    assert peak < 20_000 * 28 * 28, peak  # less than the file (15.7 MB; 62.7 MB as floats); a batch is 3.1 MB
