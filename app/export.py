@@ -166,9 +166,11 @@ def export_saved_model(model, export_dir):
                 json.dump(describe_layers(model), f, indent=1)
             module = ServingModule(model, layers_file)
             model(tf.zeros([1, *module.shape]), training=False)
-            signatures = {"serving_default": module.serve_float.get_concrete_function(),
-                          "serving_uint8": module.serve_uint8.get_concrete_function(),
-                          "activations": module.serve_activations.get_concrete_function()}
+            # The tf.functions, not concrete functions traced here: the save traces them itself, in its save
+            # context, where a distributed variable reads as one plain variable (a trace made outside it
+            # cannot be saved under MultiWorkerMirroredStrategy).
+            signatures = {"serving_default": module.serve_float, "serving_uint8": module.serve_uint8,
+                          "activations": module.serve_activations}
             tf.saved_model.save(module, staging, signatures=signatures)
             _move_into_place(staging, export_dir)
     except BaseException:

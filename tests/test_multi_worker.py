@@ -1,9 +1,13 @@
 """train.py on 2 worker processes (MultiWorkerMirroredStrategy on 127.0.0.1, TF_CONFIG and free ports from
-cluster/launch.py, plain subprocesses): both end with identical weights, equal to one process at the same global
-batch; killing a worker stops the other with one line; restarting the job resumes to the uninterrupted result.
-Each test is a few steps of the dense model at global batch 32."""
+cluster/launch.py): both end with identical weights, equal to one process at the same global batch; every model
+family (dense, conv, conv_bn with its per-worker BatchNorm statistics) exports a SavedModel that scores what the
+checkpoint restored in one process scores; killing a worker stops the other with one line; restarting the job
+resumes to the uninterrupted result; a port taken by another program is one line. Each training job is a few
+steps on the first 512 MNIST training images."""
+import gzip
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -13,13 +17,67 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cluster.launch import start_workers, worker_command
+from app import export
+from cluster.launch import start_workers, tf_config, worker_command
+from datasets import idx
+from models import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
 TIMEOUT = 120  # --collective_timeout, seconds: longer than any pause between two steps on a busy machine
 FLAGS = ["--model=dense", "--optimizer=sgd", "--learning_rate=0.1", "--batch_size=32", "--epochs=2",
          "--steps_per_epoch=2", "--noprogress", f"--collective_timeout={TIMEOUT}"]
+# Every worker of `python -m cluster.launch --program=<this>`: builds each family under the strategy with the
+# same random weights on every worker and BatchNorm statistics of its own (as training leaves them), then, as
+# train.py does, saves a checkpoint and exports (both read every worker; the chief writes, the others write
+# a temporary copy).
+EXPORTER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+import tensorflow as tf
+from app import export
+from core import distribute
+from models import REGISTRY
+
+strategy = distribute.make_strategy("multi_worker", timeout_seconds={timeout})
+index = distribute.worker_index(strategy)[0]
+writes = distribute.WorkerDirectory({directory!r}, strategy)
+for name in ("dense", "conv", "conv_bn"):
+    spec = REGISTRY[name]
+    with strategy.scope():
+        model = spec.build(spec.defaults["dropout"])
+        model.build((None, 28, 28, 1))
+    same, own = np.random.default_rng(7), np.random.default_rng(index)
+    for variable in model.trainable_variables:
+        variable.assign(same.normal(0.0, 0.1, variable.shape).astype(np.float32))
+    for variable in model.variables:
+        if variable.synchronization == tf.VariableSynchronization.ON_READ:
+            variable.values[0].assign(own.uniform(0.0, 0.5, variable.shape).astype(np.float32) + (
+                1.0 if "variance" in variable.name else 0.0))
+    tf.train.Checkpoint(model=model).write(os.path.join(writes.path, name, "ckpt"))
+    export.export_saved_model(model, os.path.join(writes.path, name, "saved_model"))
+    print("exported", name, flush=True)
+writes.cleanup()
+"""
+
+
+def read_idx(path):
+    raw = gzip.open(path).read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def small_mnist(mnist_dir, tmp_path_factory):
+    """The first 512 training and 128 test images of MNIST, as IDX files (a worker loads and evaluates them fast)."""
+    directory = tmp_path_factory.mktemp("mnist")
+    for split, count in (("train", 512), ("test", 128)):
+        for kind in ("images", "labels"):
+            name = idx.FILES[f"{split}_{kind}"] + ".gz"
+            idx.write_idx(directory / name, read_idx(os.path.join(mnist_dir, name))[:count])
+    return str(directory)
 
 
 def job(mnist_dir, logdir, run_name):
@@ -49,13 +107,32 @@ def model_weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(mnist_dir, tmp_path_factory):
-    """The job on 2 workers and the same settings in one process (no strategy), side by side."""
+def jobs(small_mnist, tmp_path_factory):
+    """All at once: the dense job on 2 workers, the same settings in one process (no strategy), and EXPORTER on
+    2 workers through `python -m cluster.launch`. Returns (logdir, {name: (exit codes, output lines)}) with the
+    names "two", "one" and "exports" (whose files are in logdir / "exports")."""
     logdir = tmp_path_factory.mktemp("multi_worker")
-    workers = start(job(mnist_dir, logdir, "two"))
-    single = subprocess.Popen([sys.executable, TRAIN, *job(mnist_dir, logdir, "one")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    codes, lines = finish(workers + [single])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    workers = start(job(small_mnist, logdir, "two"))
+    single = subprocess.Popen([sys.executable, TRAIN, *job(small_mnist, logdir, "one")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    exporter = logdir / "exporter.py"
+    exporter.write_text(EXPORTER.format(repo=str(REPO), timeout=TIMEOUT, directory=str(logdir / "exports")))
+    launch = subprocess.Popen([sys.executable, "-m", "cluster.launch", "--workers=2", "--grace_seconds=30",
+                               f"--program={exporter}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env)
+    codes, lines = finish(workers + [single, launch])
+    return logdir, {"two": (codes[:2], lines[:2]), "one": (codes[2:3], lines[2:3]), "exports": (codes[3:], lines[3:])}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(jobs):
+    """The dense job on 2 workers and in one process: (logdir, [chief's lines, other's lines, single's lines])."""
+    logdir, runs = jobs
+    codes, lines = [], []
+    for name in ("two", "one"):
+        codes += runs[name][0]
+        lines += runs[name][1]
     assert codes == [0, 0, 0], "\n".join(sum(lines, []))
     return logdir, lines
 
@@ -72,7 +149,44 @@ def test_two_workers_end_identical_and_equal_to_one_process(uninterrupted):
     assert max(float(np.max(np.abs(value))) for value in two.values()) > 0.01
 
 
-def test_a_lost_worker_stops_the_other_with_one_line_and_the_job_resumes(mnist_dir, uninterrupted, tmp_path):
+@pytest.mark.parametrize("name", ["dense", "conv", "conv_bn"])
+def test_every_family_exports_what_its_checkpoint_restores_in_one_process(jobs, small_mnist, name):
+    """The SavedModel the chief exported scores the test images as the model restored from the checkpoint
+    without a strategy (conv_bn: the mean of the workers' BatchNorm statistics) scores them."""
+    logdir, runs = jobs
+    codes, (lines,) = runs["exports"]
+    assert f"[worker 0] exported {name}" in lines and f"[worker 1] exported {name}" in lines, "\n".join(lines)
+    if name == "conv_bn":  # the last one
+        assert codes == [0] and {f"[launch] worker {i} exited with status 0" for i in (0, 1)} <= set(lines)
+    model = REGISTRY[name].build(REGISTRY[name].defaults["dropout"])
+    model.build((None, 28, 28, 1))
+    tf.train.Checkpoint(model=model).read(str(logdir / "exports" / name / "ckpt")).assert_existing_objects_matched()
+    images = read_idx(os.path.join(small_mnist, idx.FILES["test_images"] + ".gz")).astype(np.float32) / 255
+    probabilities = model.predict(images[..., None]).numpy()
+    np.testing.assert_allclose(export.Classifier(logdir / "exports" / name / "saved_model")(images)[0],
+                               probabilities, atol=1e-6)
+    assert np.ptp(probabilities) > 0.01
+    statistics = [v.numpy() for v in model.variables if "moving_mean" in v.name]
+    assert len(statistics) == (4 if name == "conv_bn" else 0)
+    assert all(0.05 < np.mean(mean) < 0.45 for mean in statistics)  # the mean of two workers' uniform(0, 0.5)
+
+
+def test_a_port_taken_by_another_program_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=tf_config([address, "127.0.0.1:1"], 0))
+        result = subprocess.run([sys.executable, TRAIN, "--model=dense", "--strategy=multi_worker", "--run_name=p",
+                                 f"--logdir={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)
+    port = address.split(":")[1]
+    assert (result.returncode, result.stderr.splitlines()) == (2, [
+        f"train.py: error: cannot start the server of worker 0 at {address} (TF_CONFIG): port {port} is in use by "
+        f"another program"]), result.stderr
+
+
+def test_a_lost_worker_stops_the_other_with_one_line_and_the_job_resumes(small_mnist, uninterrupted, tmp_path):
+    mnist_dir = small_mnist
     workers = start(job(mnist_dir, tmp_path, "two"))
     chief_lines = []
     for line in workers[0].stdout:  # the chief prints an epoch's line after that epoch's checkpoint
