@@ -5,16 +5,27 @@
 
 Each lever compares a variant with the baseline (Runner.train fed by data.training_batches, 50 steps per
 call, the full NaN guard, float64 metrics updated every step, no XLA) on the same model in the same process:
-rounds alternate baseline and variant, the best round of each counts (the machine may be shared).
+rounds alternate baseline and variant, the best round of each counts (the machine may be shared), and the median
+of each back-to-back pair's ratio (steadier on a loaded machine).
     input      batches gathered inside the compiled loop (data.GatheredBatches) instead of tf.data
     loop1      one step per call instead of 50
     guard      no NaN guard at all (what the guard costs)
     metrics    no metric updates in the step (what the per-step float64 metrics cost)
     xla        the step compiled with XLA (Runner(jit_compile=True), as --jit_compile), fed by GatheredBatches
+The fast paths, each against the default step (fused kernels on, float32) fed by GatheredBatches, as train.py:
+    formulas           every layer on its formula (fused=False): the step before the fast paths
+    formula_bn         BatchNorm on its formula, the rest fused
+    formula_relu_bias  Dense, Conv2D and Activation on their formulas (+ b, x * [x > 0]), BatchNorm fused
+    bfloat16           --precision=mixed_bfloat16 on the fast paths (bfloat16 through the fused BatchNorm)
+    bfloat16_formulas  --precision=mixed_bfloat16 on the formulas (BatchNorm cast up to float32 and back)
+    adam_op            Adam as one tf.raw_ops.ResourceApplyAdam per variable (not bit-equal to ours: 1 - beta
+                       rounded in float32 instead of Keras's Python float)
+    s2d                the 6x6 stride-2 convolutions as 3x3 stride-1 convolutions over space_to_depth (exact)
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
 --inter_op=N --intra_op=M and compare its baseline column. The figures go into RESULTS.md.
 """
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,10 +37,13 @@ sys.path.insert(0, str(ROOT))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import results  # noqa: E402
+from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward  # noqa: E402
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
+FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "bfloat16", "bfloat16_formulas", "adam_op",
+                    "s2d")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
-flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS)}.")
+flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per side; the best counts.")
 flags.DEFINE_integer("inter_op", 0, "tf.config.threading inter_op_parallelism_threads (0: TensorFlow's choice).")
@@ -46,8 +60,17 @@ def make_runner(tf, name, lever):
 
     defaults = REGISTRY[name].defaults
     tf.random.set_seed(1)
-    optimizer = {"adam": optimizers.Adam, "sgd": optimizers.SGD}[defaults["optimizer"]](defaults["learning_rate"])
-    runner = Runner(REGISTRY[name].build(defaults["dropout"]), optimizer, jit_compile=lever == "xla")
+    optimizer = {"adam": AdamOp if lever == "adam_op" else optimizers.Adam, "sgd": optimizers.SGD}[
+        defaults["optimizer"]](defaults["learning_rate"])
+    model = REGISTRY[name].build(defaults["dropout"])
+    model.build((None, 28, 28, 1))
+    on_formulas(model, lever)
+    if lever == "s2d":
+        for layer in model.layers:
+            if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
+                layer._forward = space_to_depth_forward(tf, layer)
+    precision = "mixed_bfloat16" if lever in ("bfloat16", "bfloat16_formulas") else "float32"
+    runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
     if lever == "guard":
         runner.step = lambda batch: _unguarded(runner, batch)
     if lever == "metrics":
@@ -81,7 +104,7 @@ class Side:
         batch = REGISTRY[name].defaults["batch_size"]
         self.runner = make_runner(tf, name, lever)
         self.loop = 1 if lever == "loop1" else LOOP
-        if lever in ("input", "xla"):
+        if lever in ("input", "xla", "gathered") + FAST_PATH_LEVERS:
             self.source = data.GatheredBatches(train, batch, seed=1)
             self.runner.prepare(self.source.element_spec, source=self.source)
             self.batches = lambda epoch: self.source.start(epoch)
@@ -107,6 +130,12 @@ class Side:
         return 1000 * (time.perf_counter() - started) / (steps // self.loop * self.loop)
 
 
+def onednn(tf):
+    """"oneDNN on" or "oneDNN off", as this TensorFlow decided (TF_ENABLE_ONEDNN_OPTS, else the CPU's flags)."""
+    from tensorflow.python.util import _pywrap_util_port
+    return f"oneDNN {'on' if _pywrap_util_port.IsMklEnabled() else 'off'}"
+
+
 def main(argv):
     del argv
     import tensorflow as tf
@@ -119,11 +148,16 @@ def main(argv):
     from datasets import idx
 
     train = idx.load(datasets.prepare(FLAGS.data_dir, "mnist", download=False, progress=False), "train")
-    table = ["| model | lever | baseline ms/step | with the lever | change |", "| --- | --- | --- | --- | --- |"]
+    table = ["| model | lever | baseline ms/step | with the lever | change (best rounds) | change (median of paired "
+             "rounds) |", "| --- | --- | --- | --- | --- | --- |"]
     for name in FLAGS.models:
-        baseline = Side(tf, data, train, name, None)
-        baseline.run(LOOP)
+        baselines = {}
         for lever in FLAGS.levers:
+            key = "gathered" if lever in FAST_PATH_LEVERS else None
+            if key not in baselines:
+                baselines[key] = Side(tf, data, train, name, key)
+                baselines[key].run(LOOP)
+            baseline = baselines[key]
             variant = Side(tf, data, train, name, lever)
             variant.run(LOOP)
             times = {"baseline": [], "variant": []}
@@ -132,11 +166,14 @@ def main(argv):
                 for side, key in (order if index % 2 == 0 else order[::-1]):
                     times[key].append(side.run(FLAGS.steps))
             base, mine = min(times["baseline"]), min(times["variant"])
-            table.append(f"| {name} | {lever} | {base:.2f} | {mine:.2f} | {100 * (mine - base) / base:+.1f}% |")
+            paired = statistics.median(v / b for v, b in zip(times["variant"], times["baseline"]))
+            table.append(f"| {name} | {lever} | {base:.2f} | {mine:.2f} | {100 * (mine - base) / base:+.1f}% | "
+                         f"{100 * (paired - 1):+.1f}% |")
             print(table[-1], flush=True)
     threads = f"inter_op {FLAGS.inter_op or 'default'}, intra_op {FLAGS.intra_op or 'default'}"
-    body = (f"Baseline: Runner.train fed by data.training_batches, {LOOP} steps per call, full NaN guard, float64 "
-            f"metrics, no XLA; {threads}; {FLAGS.rounds} alternated rounds of {FLAGS.steps} steps, best of each; "
+    body = (f"Baseline: Runner.train fed by data.training_batches (the fast-path levers: by data.GatheredBatches), "
+            f"{LOOP} steps per call, full NaN guard, float64 metrics, no XLA, fused kernels on; {threads}; "
+            f"{FLAGS.rounds} alternated rounds of {FLAGS.steps} steps, best of each; {onednn(tf)}; "
             f"load average {os.getloadavg()[0]:.1f} at the end.\n\n" + "\n".join(table))
     print("\n" + body)
     results.record("What each speed lever gives our training step", body)

@@ -22,10 +22,22 @@ summaries_every_epochs-th epoch, so the mean over that cycle) and one checkpoint
 default steps at the measured step time (target <= 10%). Our side records the last step's gradients for
 TensorBoard, as train.py does. Peak: the best GFLOP/s of a large tf.matmul in float32 and bfloat16; each model's
 share is its training FLOPs per second (3 x the forward pass's multiply-adds x 2) over it.
+Levers: `--levers=formulas` adds a column per lever, our step with it (bench_levers.py's names: formulas puts
+every layer on its formula, fused=False, as before the fast paths), alternated in the same rounds.
+
+Whole process (`--whole_process`), as a user pays it: each side a fresh process, ours `train.py` (evaluation on the
+test images, TensorBoard summaries, checkpoints and export), Keras `model.fit` with the test images as
+validation_data, for one and for two epochs; repetitions alternate the sides and the order. The cost per step is
+t(2 epochs) - t(1 epoch) over the steps of an epoch: the second epoch with its end, start-up cancelled. The median
+over repetitions counts, after one untimed process per side. `--whole_process_steps=N` cuts each epoch to N steps (a quick check of the mode only: the
+targets need full epochs, ~900 steps of difference).
+The first line names the CPU, its bfloat16 flags and whether TensorFlow runs oneDNN (on by default only on CPUs with
+AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX; else TF_ENABLE_ONEDNN_OPTS=1).
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +65,7 @@ CASES = {
 }
 TARGETS = {"softmax": 0.5, "dense5": 0.5, "conv": 0.85, "conv_bn": 0.85, "conv_bn_mixed": 0.6,
            "conv_bn_mixed_keras": 0.85}
+WHOLE_PROCESS_TARGETS = {"softmax": 0.40, "dense5": 0.45, "conv": 0.80, "conv_bn": 0.75, "conv_bn_mixed": 0.50}
 ACCURACY_TARGETS = {"conv": 0.990, "conv_bn": 0.994}
 BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
@@ -65,6 +78,15 @@ flags.DEFINE_bool("jit_compile", None, "Our step compiled with XLA or not, for e
 flags.DEFINE_bool("extras", True, "Also measure the input path, the epoch-end work and the matmul peak.")
 flags.DEFINE_bool("time_to_accuracy", False, "Also train conv and conv_bn (ours and Keras, same settings) "
                   "until their test accuracy target; long.")
+flags.DEFINE_list("levers", [], "Extra columns: our step with each lever of bench_levers.py (formulas, "
+                  "formula_bn, formula_relu_bias, adam_op, s2d), alternated in the same rounds.")
+flags.DEFINE_bool("whole_process", False, "Instead of the in-process table: each side a fresh process for one and "
+                  "two full epochs with evaluation (ours train.py), the difference per step.")
+flags.DEFINE_integer("repetitions", 3, "Whole process: alternated repetitions per side and epoch count.")
+flags.DEFINE_integer("whole_process_steps", None, "Whole process: steps per epoch (default: full epochs); small "
+                     "values only check that the mode runs.")
+flags.DEFINE_integer("keras_process_epochs", None, "Internal: run the Keras side of --whole_process for this many "
+                     "epochs of --cases' single case, then exit.")
 flags.DEFINE_integer("seed", 1, "Seed of the weights and the batch order.")
 flags.DEFINE_string("data_dir", str(ROOT.parent / "shared" / "mnist"), "Directory of the four MNIST files.")
 FLAGS = flags.FLAGS
@@ -86,6 +108,14 @@ def cpu_flags():
             present = set(line.split(":", 1)[1].split())
             break
     return name, {flag: flag in present for flag in BF16_FLAGS}
+
+
+def onednn(tf):
+    """"oneDNN on" / "oneDNN off" as this TensorFlow decided, with TF_ENABLE_ONEDNN_OPTS if it is set."""
+    from tensorflow.python.util import _pywrap_util_port
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    return (f"oneDNN {'on' if _pywrap_util_port.IsMklEnabled() else 'off'}"
+            + (f" (TF_ENABLE_ONEDNN_OPTS={setting})" if setting is not None else " (TensorFlow's default)"))
 
 
 def matmul_peak(tf, dtype, n=1024, rounds=5, repeats=5):
@@ -157,8 +187,9 @@ class Ours:
     """Our model, optimizer and Trainer, as train.py makes them; fit(batches) trains one more epoch of
     `batches` (a batch source such as data.GatheredBatches, or a tf.data.Dataset)."""
 
-    def __init__(self, tf, name, precision, seed):
+    def __init__(self, tf, name, precision, seed, lever=None):
         from app.summaries import LastGradients
+        from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward
         from core import optimizers
         from core.runner import tape_gradients
         from core.trainer import Trainer
@@ -167,8 +198,14 @@ class Ours:
         defaults = settings(name)
         tf.random.set_seed(seed)
         self.model = REGISTRY[name].build(defaults["dropout"])
-        optimizer = {"adam": optimizers.Adam, "sgd": optimizers.SGD}[defaults["optimizer"]](
-            defaults["learning_rate"])
+        self.model.build((None, 28, 28, 1))
+        on_formulas(self.model, lever)
+        if lever == "s2d":
+            for layer in self.model.layers:
+                if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
+                    layer._forward = space_to_depth_forward(tf, layer)
+        optimizer = {"adam": AdamOp if lever == "adam_op" else optimizers.Adam, "sgd": optimizers.SGD}[
+            defaults["optimizer"]](defaults["learning_rate"])
         options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
         if precision != "float32":
             options["precision"] = precision
@@ -229,9 +266,13 @@ def step_times(tf, data, train, case, seed, steps, rounds):
     feeds = {"ours": lambda n: (source, n),
              "keras": lambda n: (data.training_batches(train, batch, seed, theirs.epochs).take(n),)}
     sides = {"ours": ours, "keras": theirs}
-    times = {"ours": [], "keras": []}
+    for lever in FLAGS.levers:
+        sides[lever] = Ours(tf, name, precision, seed, lever)
+        feeds[lever] = feeds["ours"]
+    times = {key: [] for key in sides}
+    keys = list(sides)
     for index in range(rounds + 1):
-        for key in ("ours", "keras") if index % 2 else ("keras", "ours"):
+        for key in keys if index % 2 else keys[::-1]:
             times[key].append(marginal_ms(sides[key], feeds[key], steps))
     return {key: values[1:] for key, values in times.items()}, ours, source
 
@@ -372,6 +413,82 @@ def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
     return out
 
 
+# ------------------------------------------------------------------------------------------- whole process
+
+def keras_process(case, epochs, steps_per_epoch):
+    """The Keras side of --whole_process, in its own process: model.fit for `epochs` epochs with the test images as
+    validation_data, as a user of Keras trains."""
+    import keras
+    import datasets
+    from core import data
+    from datasets import idx
+
+    _, name, batch, _, policy = CASES[case]
+    data_dir = datasets.prepare(FLAGS.data_dir, "mnist", download=False, progress=False)
+    train, test = idx.load(data_dir, "train"), idx.load(data_dir, "test")
+    theirs = Theirs(name, policy, FLAGS.seed)
+    batches = data.training_batches(train, batch, FLAGS.seed, 0)
+    if steps_per_epoch:
+        batches = batches.take(steps_per_epoch)
+    theirs.model.fit(batches, epochs=epochs, validation_data=data.evaluation_batches(test), verbose=0,
+                     shuffle=False)
+
+
+def process_seconds(side, case, epochs, steps_per_epoch, logdir):
+    """Wall seconds of one fresh process training `case` for `epochs` epochs: ours train.py, or Keras's fit."""
+    _, name, batch, precision, _ = CASES[case]
+    steps = [f"--steps_per_epoch={steps_per_epoch}"] if steps_per_epoch else []
+    if side == "ours":
+        command = [sys.executable, str(ROOT / "train.py"), f"--model={name}", f"--epochs={epochs}",
+                   f"--batch_size={batch}", f"--precision={precision}", f"--seed={FLAGS.seed}",
+                   f"--data_dir={FLAGS.data_dir}", f"--logdir={logdir}", "--noprogress"] + steps
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), f"--cases={case}",
+                   f"--keras_process_epochs={epochs}", f"--data_dir={FLAGS.data_dir}", f"--seed={FLAGS.seed}"]
+        command += [f"--whole_process_steps={steps_per_epoch}"] if steps_per_epoch else []
+    started = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=3600)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{side} {case} ({epochs} epochs) failed with exit code {done.returncode}: "
+                         f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+    return seconds
+
+
+def whole_process(case, train_count):
+    """{side: [ms per step, one per repetition]}: (t(2 epochs) - t(1 epoch)) / steps of an epoch, each side a fresh
+    process, the sides and epoch counts alternated."""
+    batch = CASES[case][2]
+    steps = FLAGS.whole_process_steps or train_count // batch
+    seconds = {(side, epochs): [] for side in ("ours", "keras") for epochs in (1, 2)}
+    order = list(seconds)
+    with tempfile.TemporaryDirectory() as logdir:
+        for side in ("ours", "keras"):  # untimed: the first process reads TensorFlow and the data from disk
+            process_seconds(side, case, 1, FLAGS.whole_process_steps or 1, logdir)
+        for repetition in range(FLAGS.repetitions):
+            for side, epochs in (order if repetition % 2 == 0 else order[::-1]):
+                seconds[side, epochs].append(process_seconds(side, case, epochs, FLAGS.whole_process_steps, logdir))
+    return {side: [1000 * (two - one) / steps for one, two in zip(seconds[side, 1], seconds[side, 2])]
+            for side in ("ours", "keras")}, seconds, steps
+
+
+def whole_process_table(lines, train_count):
+    table = ["| model, batch | steps per epoch | ours ms/step (median) | Keras ms/step (median) | ours / Keras | "
+             "target | ours per repetition | Keras per repetition | seconds, 1 and 2 epochs (ours; Keras) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in FLAGS.cases:
+        per_step, seconds, steps = whole_process(key, train_count)
+        mine, theirs = statistics.median(per_step["ours"]), statistics.median(per_step["keras"])
+        spans = "; ".join(", ".join(f"{statistics.median(seconds[side, epochs]):.1f}" for epochs in (1, 2))
+                          for side in ("ours", "keras"))
+        table.append(f"| {CASES[key][0]} | {steps} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} | "
+                     f"<= {WHOLE_PROCESS_TARGETS.get(key, TARGETS[key])} | "
+                     f"{', '.join(f'{t:.2f}' for t in per_step['ours'])} | "
+                     f"{', '.join(f'{t:.2f}' for t in per_step['keras'])} | {spans} |")
+        print(table[-1], flush=True)
+    return lines + ["\n".join(table), f"{FLAGS.repetitions} alternated repetitions per side; the median counts."]
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv):
@@ -386,14 +503,22 @@ def main(argv):
     unknown = [case for case in FLAGS.cases if case not in CASES]
     if unknown:
         raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if FLAGS.keras_process_epochs:
+        return keras_process(FLAGS.cases[0], FLAGS.keras_process_epochs, FLAGS.whole_process_steps)
     tf.config.experimental.enable_op_determinism()
     data_dir = datasets.prepare(FLAGS.data_dir, "mnist", download=False, progress=False)
     train, test = idx.load(data_dir, "train"), idx.load(data_dir, "test")
     cpu, bf16 = cpu_flags()
     load_before = os.getloadavg()[0]
     lines = [f"CPU: {cpu}; flags: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in bf16.items())
-             + f"; TensorFlow {tf.__version__}; load average {load_before:.1f} at the start"]
+             + f"; {onednn(tf)}; TensorFlow {tf.__version__}; load average {load_before:.1f} at the start"]
     print(lines[0], flush=True)
+    if FLAGS.whole_process:
+        body = whole_process_table(lines, int(train.cardinality()))
+        body.append(f"Load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+        print("\n" + "\n\n".join(body[1:]))
+        results.record("Whole process: ours train.py against Keras model.fit, each a fresh process", "\n\n".join(body))
+        return
 
     peaks = {}
     if FLAGS.extras:
@@ -403,8 +528,9 @@ def main(argv):
                      f"{peaks['bfloat16'] / peaks['float32']:.2f})")
         print(lines[-1], flush=True)
 
-    table = ["| model, batch | ours XLA | ours ms/step | Keras ms/step | ours / Keras | target | rounds ours | "
-             "rounds Keras |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    levers = "".join(f" ours {lever} ms/step | {lever} / Keras |" for lever in FLAGS.levers)
+    table = [f"| model, batch | ours XLA | ours ms/step | Keras ms/step | ours / Keras |{levers} target | rounds ours | "
+             "rounds Keras |", "| --- " * (8 + 2 * len(FLAGS.levers)) + "|"]
     extras = ["| model, batch | ms/step: gathered in the loop | tf.data | one cached batch | input cost (median) | "
               "epoch end s (evaluation, TensorBoard, checkpoint) | epoch s | epoch end share | share of matmul peak |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -413,8 +539,9 @@ def main(argv):
         label, name, batch, precision, _ = case
         times, ours, source = step_times(tf, data, train, case, FLAGS.seed, FLAGS.steps, FLAGS.rounds)
         mine, theirs = min(times["ours"]), min(times["keras"])
+        columns = "".join(f" {min(times[lever]):.2f} | {min(times[lever]) / theirs:.2f} |" for lever in FLAGS.levers)
         table.append(f"| {label} | {'yes' if compiled(name) else 'no'} | {mine:.2f} | {theirs:.2f} | "
-                     f"{mine / theirs:.2f} | <= {TARGETS[key]} | "
+                     f"{mine / theirs:.2f} |{columns} <= {TARGETS[key]} | "
                      f"{', '.join(f'{t:.2f}' for t in times['ours'])} | "
                      f"{', '.join(f'{t:.2f}' for t in times['keras'])} |")
         print(table[-1], flush=True)

@@ -1,0 +1,61 @@
+"""The fast-path levers as variants of our model and optimizer, for bench_levers.py and bench_vs_keras.py: each
+changes one thing in a copy of the step, so the two can be timed against each other in one process."""
+
+
+def on_formulas(model, lever):
+    """Puts the layers that `lever` names on their formulas (fused=False)."""
+    from core.layers import Activation, BatchNorm, Conv2D, Dense
+
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm):
+            formula = lever in ("formulas", "formula_bn", "bfloat16_formulas")
+        elif isinstance(layer, (Activation, Conv2D, Dense)):
+            formula = lever in ("formulas", "formula_relu_bias", "bfloat16_formulas")
+        else:
+            continue
+        layer.fused = not formula
+
+
+def space_to_depth_forward(tf, layer):
+    """The layer's forward pass with its 6x6 stride-2 'same' convolution computed exactly as a 3x3 stride-1 'valid'
+    convolution over space_to_depth(x_pad, 2) (4x the channels): x_pad[2i + 2a + b] = s2d(x_pad)[i + a, b], so
+    w'[a1, a2, (b1, b2, c), f] = w[2 a1 + b1, 2 a2 + b2, c, f]."""
+    from core.layers import _bias_activation
+
+    def forward(x, training):
+        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+        pads = []
+        for size in (height, width):
+            total = max((-(-size // 2) - 1) * 2 + 6 - size, 0)
+            pads.append([total // 2, total - total // 2 + (size + total) % 2])  # even size for space_to_depth
+        x_pad = tf.pad(x, [[0, 0], pads[0], pads[1], [0, 0]])
+        w = tf.reshape(tf.transpose(tf.reshape(layer.w, [3, 2, 3, 2, channels, layer.filters]), [0, 2, 1, 3, 4, 5]),
+                       [3, 3, 4 * channels, layer.filters])
+        z = tf.nn.conv2d(tf.nn.space_to_depth(x_pad, 2), w, strides=1, padding="VALID")
+        return _bias_activation(layer, z[:, :-(-height // 2), :-(-width // 2), :])
+
+    return forward
+
+
+class AdamOp:
+    """Our Adam with each variable's update as one tf.raw_ops.ResourceApplyAdam (the same formula, epsilon-hat
+    form; 1 - beta computed in float32 by the kernel)."""
+
+    def __new__(cls, learning_rate):
+        import tensorflow as tf
+        from core import optimizers
+
+        class Fused(optimizers.Adam):
+            def _step_rate(self, learning_rate, dtype):
+                t = tf.cast(self.step + 1, dtype)
+                return (learning_rate, tf.pow(tf.constant(self.beta_1, dtype), t),
+                        tf.pow(tf.constant(self.beta_2, dtype), t))
+
+            def _update(self, g, w, i, rate):
+                learning_rate, beta_1_power, beta_2_power = rate
+                tf.raw_ops.ResourceApplyAdam(
+                    var=w.handle, m=self.m[i].handle, v=self.v[i].handle, beta1_power=beta_1_power,
+                    beta2_power=beta_2_power, lr=learning_rate, beta1=tf.constant(self.beta_1, w.dtype),
+                    beta2=tf.constant(self.beta_2, w.dtype), epsilon=tf.constant(self.epsilon, w.dtype), grad=g)
+
+        return Fused(learning_rate)
