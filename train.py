@@ -768,8 +768,10 @@ def export_model(model, export_dir, run_dir):
     except (export.ExportError, OSError) as error:
         raise RunError(f"export failed: {error}; {again}") from None
     except Exception as error:  # a failed trace of the serving functions: the run's work is safe all the same
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise RunError(f"export failed ({type(error).__name__}: {first_line}); {again}") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        # "... for the following reason(s):" is followed by the reason
+        what = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+        raise RunError(f"export failed ({type(error).__name__}: {what}); {again}") from None
 
 
 def report(metrics, config, out=print, full_run=None):

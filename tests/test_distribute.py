@@ -250,3 +250,19 @@ def test_distribution_flags_need_their_strategy():
     config = train.make_config({"model": "conv_bn", "strategy": "mirrored", "cpu_devices": 2, "sync_batch_norm": True})
     assert (config.cpu_devices, config.sync_batch_norm) == (2, True)
     assert train.make_config({"model": "conv_bn", "sync_batch_norm": False}).strategy == "default"
+
+
+def test_a_failed_export_names_its_reason(monkeypatch, tmp_path):
+    """TensorFlow's save errors put the reason on the line after '... for the following reason(s):'."""
+    def refuse(model, export_dir):
+        raise ValueError("Unable to save function b'__inference_signature_wrapper_7' for the following reason(s):\n"
+                         "\nConcreteFunction that uses distributed variables in certain way cannot be saved.\n"
+                         "If you're saving with\n")
+
+    monkeypatch.setattr(export, "export_saved_model", refuse)
+    with pytest.raises(train.RunError) as caught:
+        train.export_model(dense_model(), str(tmp_path / "saved_model"), str(tmp_path / "run"))
+    assert str(caught.value).startswith(
+        "export failed (ValueError: Unable to save function b'__inference_signature_wrapper_7' for the following "
+        "reason(s): ConcreteFunction that uses distributed variables in certain way cannot be saved.); the trained "
+        f"weights are in {tmp_path / 'run' / 'checkpoints'}")
