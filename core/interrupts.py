@@ -93,7 +93,8 @@ _process_watchdog = None
 
 def raise_on_signals():
     """From now on SIGINT and SIGTERM raise Interrupt in the main thread (SIGTERM would otherwise end the
-    process at once, with no message and no cleanup), and a second signal always ends the process."""
+    process at once, with no message and no cleanup), and the second signal of the process's life always ends
+    it: for a program's start, whose first signal leads to its end."""
     global _process_watchdog
     for signum in SIGNALS:
         signal.signal(signum, _raise)
