@@ -32,7 +32,7 @@ import typing
 
 from absl import app, flags, logging
 
-from core import interrupts, rundir
+from core import interrupts, names, rundir
 from core.config import SettingError, TrainingConfig, math_settings, problem, setting
 from core.config import hparams as config_hparams
 from core.native_logs import quiet_native_logs
@@ -91,11 +91,11 @@ class RunConfig(TrainingConfig):
     gradients: str = setting("tape", "How the training step computes the gradients: tf.GradientTape, or each "
                              "layer's hand-written backward pass chained by core/backprop.py (docs/backprop.md). "
                              "With --summary, by_hand also prints every layer's backward formulas.",
-                             math=True, choices=("tape", "by_hand"))
+                             math=True, choices=tuple(names.GRADIENTS))
     strategy: str = setting("default", "How to spread training (docs/distributed.md): default = one device; "
                             "mirrored = one replica per local GPU (or per --cpu_devices); multi_worker = "
                             "the workers named in $TF_CONFIG (python -m cluster.launch starts them locally). "
-                            "--batch_size is the global batch.", choices=("default", "mirrored", "multi_worker"))
+                            "--batch_size is the global batch.", choices=names.STRATEGIES)
     cpu_devices: int | None = setting(None, "Split the CPU into this many logical devices (for "
                                       "--strategy=mirrored without GPUs).", _optional_positive_int)
     sync_batch_norm: bool = setting(False, "Under a strategy, normalize with the statistics of the global batch "
@@ -364,23 +364,6 @@ class EpochReport:
 
 # ------------------------------------------------------------------------------------------------- the run
 
-def learning_rate_schedule(config, steps_per_epoch):
-    """lr(step) = lr_min + learning_rate * lr_decay ^ (step / k), k = steps_per_epoch (floored) or lr_decay_steps."""
-    from core import schedules
-    if config.lr_decay is None:
-        return schedules.Constant(config.learning_rate)
-    if config.lr_decay_steps == "epoch":
-        return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, steps_per_epoch, staircase=True,
-                                          minimum=config.lr_min)
-    return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, config.lr_decay_steps,
-                                      minimum=config.lr_min)
-
-
-def make_optimizer(config, schedule):
-    from core import optimizers
-    return {"adam": optimizers.Adam, "sgd": optimizers.SGD}[config.optimizer](schedule)
-
-
 def claim_run_dir(config):
     """Claims <logdir>/<run_name> for this process (locked until it ends; a new unique name by default) ->
     rundir.RunDir; FlagError (one line) if the directory is in use or cannot be used."""
@@ -586,13 +569,13 @@ def train_in(run_dir, config, strategy, data, out=print):
                 [os.path.join(writes.path, "export")] if config.export_dir else [])
         tf.config.experimental.enable_op_determinism()
         tf.random.set_seed(config.seed)
-        schedule = learning_rate_schedule(config, steps_per_epoch)
+        schedule = names.learning_rate_schedule(config, steps_per_epoch)
         with strategy.scope():  # every variable mirrored on each replica (docs/distributed.md)
             model = spec.build(config.dropout, num_classes=num_classes)
             if config.sync_batch_norm:
                 synchronize_batch_norm(model)
             model.build((None, *image_shape))
-            optimizer = make_optimizer(config, schedule)
+            optimizer = names.optimizer(config, schedule)
         return train_and_export(config, strategy, spec, model, optimizer, schedule, run_dir, writes.path,
                                 export_dirs, resuming, splits, (image_shape, num_classes), steps_per_epoch, out)
     finally:
@@ -730,16 +713,7 @@ def gradient_options(config, last_gradients):
     (mixed precision: the runner's own)."""
     if last_gradients is None:
         return {}
-    return {"compute_gradients": last_gradients.recording(gradient_function(config))}
-
-
-def gradient_function(config):
-    """The training step's gradient function: the tape's, or the hand-written backward passes (--gradients)."""
-    if config.gradients == "by_hand":
-        from core import backprop
-        return backprop.gradients
-    from core.runner import tape_gradients
-    return tape_gradients
+    return {"compute_gradients": last_gradients.recording(names.gradient_function(config.gradients))}
 
 
 def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, gradients):

@@ -18,6 +18,8 @@ import dataclasses
 import math
 import typing
 
+from core import names
+
 __all__ = ["TrainingConfig", "SettingError", "setting", "problem", "math_settings", "hparams"]
 
 
@@ -101,7 +103,7 @@ class TrainingConfig:
     steps_per_epoch: int | None = setting(None, "Stop each epoch after this many steps, for quick runs "
                                           "(None: a full pass).", _optional_positive_int, math=True,
                                           per_model=True, none_means=0)
-    optimizer: str = setting("adam", "Optimizer.", math=True, per_model=True, choices=("adam", "sgd"))
+    optimizer: str = setting("adam", "Optimizer.", math=True, per_model=True, choices=tuple(names.OPTIMIZERS))
     learning_rate: float = setting(0.001, "Initial learning rate (above lr_min).", _learning_rate, math=True,
                                    per_model=True)
     lr_decay: float | None = setting(None, "Learning-rate decay factor per period, in (0, 1]; 1 = constant "
@@ -129,7 +131,7 @@ class TrainingConfig:
     precision: str = setting("float32", "Arithmetic of the training step: float32, or mixed_bfloat16 / "
                              "mixed_float16 (float32 weights and optimizer slots, the step in 16 bits; float16 "
                              "with dynamic loss scaling). Fast only where the hardware has 16-bit units.",
-                             math=True, choices=("float32", "mixed_bfloat16", "mixed_float16"))
+                             math=True, choices=names.PRECISIONS)
     jit_compile: bool = setting(False, "Compile the training step with XLA (fused kernels); the dense models do by "
                                 "default, 30-40% faster on CPU (benchmarks/RESULTS.md). One replica only: a "
                                 "model's default yields to --strategy. It rounds differently and draws other "
