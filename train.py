@@ -502,14 +502,6 @@ def interrupted(run_dir, interrupt, hint, discarded=False):
     return f"{what} before the first checkpoint; nothing to resume in {run_dir}"
 
 
-def synchronize_batch_norm(model):
-    """Every BatchNorm layer of `model` normalizes with the global batch's statistics."""
-    from core.layers import BatchNorm
-    for layer in model.layers:
-        if isinstance(layer, BatchNorm):
-            layer.synchronized = True
-
-
 @contextlib.contextmanager
 def lost_workers(strategy, timeout):
     """A collective that fails because a worker is gone -> one RunError naming it."""
@@ -571,9 +563,7 @@ def train_in(run_dir, config, strategy, data, out=print):
         tf.random.set_seed(config.seed)
         schedule = names.learning_rate_schedule(config, steps_per_epoch)
         with strategy.scope():  # every variable mirrored on each replica (docs/distributed.md)
-            model = spec.build(config.dropout, num_classes=num_classes)
-            if config.sync_batch_norm:
-                synchronize_batch_norm(model)
+            model = spec.build(config.dropout, num_classes=num_classes, sync_batch_norm=config.sync_batch_norm)
             model.build((None, *image_shape))
             optimizer = names.optimizer(config, schedule)
         return train_and_export(config, strategy, spec, model, optimizer, schedule, run_dir, writes.path,

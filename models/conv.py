@@ -13,20 +13,21 @@ def _conv_relu(filters, kernel_size, strides, name):
     return [Conv2D(filters, kernel_size, strides=strides, padding="same", activation="relu", name=name)]
 
 
-def _bn_relu(layer):
-    """layer (no bias) -> BatchNorm(center, no scale) -> ReLU, the batch-norm and ReLU named after the layer."""
+def _bn_relu(layer, synchronized):
+    """layer (no bias) -> BatchNorm(center, no scale) -> ReLU, the batch-norm and ReLU named after the layer;
+    synchronized: the BatchNorm normalizes with the global batch's statistics under a strategy."""
     return [layer,
-            BatchNorm(center=True, scale=False, name=f"{layer.name}_bn"),
+            BatchNorm(center=True, scale=False, synchronized=synchronized, name=f"{layer.name}_bn"),
             Activation("relu", name=f"{layer.name}_relu")]
 
 
-def _conv_bn_relu(filters, kernel_size, strides, name, w_init=GlorotUniform()):
+def _conv_bn_relu(filters, kernel_size, strides, name, synchronized, w_init=GlorotUniform()):
     return _bn_relu(Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                           w_init=w_init, name=name))
+                           w_init=w_init, name=name), synchronized)
 
 
-def _dense_bn_relu(units, name, w_init=GlorotUniform()):
-    return _bn_relu(Dense(units, use_bias=False, w_init=w_init, name=name))
+def _dense_bn_relu(units, name, synchronized, w_init=GlorotUniform()):
+    return _bn_relu(Dense(units, use_bias=False, w_init=w_init, name=name), synchronized)
 
 
 def _head(dropout, num_classes):
@@ -46,30 +47,32 @@ def conv(dropout=0.5, num_classes=10):
         name="conv")
 
 
-def conv_bn(dropout=0.3, num_classes=10):
-    """`conv` with BatchNorm(center, no scale) + ReLU after each convolution and the dense 200 (no biases)."""
+def conv_bn(dropout=0.3, num_classes=10, sync_batch_norm=False):
+    """`conv` with BatchNorm(center, no scale) + ReLU after each convolution and the dense 200 (no biases);
+    sync_batch_norm: each BatchNorm uses the global batch's statistics under a strategy."""
+    sync = sync_batch_norm
     return Sequential(
-        _conv_bn_relu(12, 3, 1, "conv1")
-        + _conv_bn_relu(24, 6, 2, "conv2")
-        + _conv_bn_relu(32, 6, 2, "conv3")
+        _conv_bn_relu(12, 3, 1, "conv1", sync)
+        + _conv_bn_relu(24, 6, 2, "conv2", sync)
+        + _conv_bn_relu(32, 6, 2, "conv3", sync)
         + [Flatten(name="flatten")]
-        + _dense_bn_relu(200, "dense1")
+        + _dense_bn_relu(200, "dense1", sync)
         + _head(dropout, num_classes),
         name="conv_bn")
 
 
-def conv_bn_big(dropout=0.25, num_classes=10):
+def conv_bn_big(dropout=0.25, num_classes=10, sync_batch_norm=False):
     """The original codelab's best: conv 6x6x24 -> 5x5x48 s2 -> 4x4x64 s2 -> dense 200, each BN + ReLU.
 
-    Weights start as in that codelab: truncated normal, stddev 0.1.
+    Weights start as in that codelab: truncated normal, stddev 0.1. sync_batch_norm: as in conv_bn.
     """
-    init = TruncatedNormal(stddev=0.1)
+    init, sync = TruncatedNormal(stddev=0.1), sync_batch_norm
     return Sequential(
-        _conv_bn_relu(24, 6, 1, "conv1", init)
-        + _conv_bn_relu(48, 5, 2, "conv2", init)
-        + _conv_bn_relu(64, 4, 2, "conv3", init)
+        _conv_bn_relu(24, 6, 1, "conv1", sync, init)
+        + _conv_bn_relu(48, 5, 2, "conv2", sync, init)
+        + _conv_bn_relu(64, 4, 2, "conv3", sync, init)
         + [Flatten(name="flatten")]
-        + _dense_bn_relu(200, "dense1", init)
+        + _dense_bn_relu(200, "dense1", sync, init)
         + _head(dropout, num_classes),
         name="conv_bn_big")
 

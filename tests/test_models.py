@@ -59,6 +59,19 @@ def test_every_model_takes_other_images_and_classes(name):
     assert first[-2] == 3 if len(first) == 4 else first[0] == 32 * 32 * 3
 
 
+def test_options_are_taken_at_construction():
+    """sync_batch_norm reaches every BatchNorm as it is made; a model without BatchNorm has nothing to take it."""
+    from core.layers import BatchNorm
+    synchronized = REGISTRY["conv_bn"].build(0.3, sync_batch_norm=True)
+    norms = [layer for layer in synchronized.layers if isinstance(layer, BatchNorm)]
+    assert len(norms) == 4 and all(norm.synchronized for norm in norms)
+    assert not any(layer.synchronized for layer in REGISTRY["conv_bn_big"].build(0.25).layers
+                   if isinstance(layer, BatchNorm))
+    assert len(REGISTRY["dense"].build(0.0, sync_batch_norm=True).layers) == len(_build("dense").layers)
+    with pytest.raises(ValueError, match=r"unknown model options \['sync_batchnorm'\]; a model takes sync_batch_norm"):
+        REGISTRY["conv_bn"].build(0.3, sync_batchnorm=True)
+
+
 def test_conv_bn_counts_match_the_codelab():
     assert _build("conv_bn").count_params() == (354_538, 354_002, 536)
 
