@@ -28,9 +28,10 @@ every layer on its formula, fused=False, as before the fast paths), alternated i
 Whole process (`--whole_process`), as a user pays it: each side a fresh process, ours `train.py` (evaluation on the
 test images, TensorBoard summaries, checkpoints and export), Keras `model.fit` with the test images as
 validation_data, for one and for two epochs; repetitions alternate the sides and the order. The cost per step is
-t(2 epochs) - t(1 epoch) over the steps of an epoch: the second epoch with its end, start-up cancelled. The median
-over repetitions counts, after one untimed process per side. `--whole_process_steps=N` cuts each epoch to N steps (a quick check of the mode only: the
-targets need full epochs, ~900 steps of difference).
+t(2 epochs) - t(1 epoch) over the steps of an epoch: the second epoch with its end, start-up cancelled
+(`--whole_process_epochs=1,3` takes two epochs of difference, for models whose epoch is short). The median over
+repetitions counts, after one untimed process per side. `--whole_process_steps=N` cuts each epoch to N steps (a
+quick check of the mode only: the targets need full epochs, ~900 steps of difference).
 The first line names the CPU, its bfloat16 flags and whether TensorFlow runs oneDNN (on by default only on CPUs with
 AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX; else TF_ENABLE_ONEDNN_OPTS=1).
 The figures go into this command's section of benchmarks/RESULTS.md.
@@ -83,6 +84,8 @@ flags.DEFINE_list("levers", [], "Extra columns: our step with each lever of benc
 flags.DEFINE_bool("whole_process", False, "Instead of the in-process table: each side a fresh process for one and "
                   "two full epochs with evaluation (ours train.py), the difference per step.")
 flags.DEFINE_integer("repetitions", 3, "Whole process: alternated repetitions per side and epoch count.")
+flags.DEFINE_list("whole_process_epochs", ["1", "2"], "Whole process: the two epoch counts whose difference is "
+                  "timed (e.g. 1,3 for conv's 468-step epochs: ~900 steps of difference).")
 flags.DEFINE_integer("whole_process_steps", None, "Whole process: steps per epoch (default: full epochs); small "
                      "values only check that the mode runs.")
 flags.DEFINE_integer("keras_process_epochs", None, "Internal: run the Keras side of --whole_process for this many "
@@ -456,11 +459,12 @@ def process_seconds(side, case, epochs, steps_per_epoch, logdir):
 
 
 def whole_process(case, train_count):
-    """{side: [ms per step, one per repetition]}: (t(2 epochs) - t(1 epoch)) / steps of an epoch, each side a fresh
-    process, the sides and epoch counts alternated."""
+    """{side: [ms per step, one per repetition]}: (t(b epochs) - t(a epochs)) / steps of b - a epochs, each side a
+    fresh process, the sides and epoch counts alternated ((a, b) = --whole_process_epochs, default (1, 2))."""
     batch = CASES[case][2]
-    steps = FLAGS.whole_process_steps or train_count // batch
-    seconds = {(side, epochs): [] for side in ("ours", "keras") for epochs in (1, 2)}
+    short, long = (int(epochs) for epochs in FLAGS.whole_process_epochs)
+    steps = (FLAGS.whole_process_steps or train_count // batch) * (long - short)
+    seconds = {(side, epochs): [] for side in ("ours", "keras") for epochs in (short, long)}
     order = list(seconds)
     with tempfile.TemporaryDirectory() as logdir:
         for side in ("ours", "keras"):  # untimed: the first process reads TensorFlow and the data from disk
@@ -468,19 +472,21 @@ def whole_process(case, train_count):
         for repetition in range(FLAGS.repetitions):
             for side, epochs in (order if repetition % 2 == 0 else order[::-1]):
                 seconds[side, epochs].append(process_seconds(side, case, epochs, FLAGS.whole_process_steps, logdir))
-    return {side: [1000 * (two - one) / steps for one, two in zip(seconds[side, 1], seconds[side, 2])]
+    return {side: [1000 * (two - one) / steps for one, two in zip(seconds[side, short], seconds[side, long])]
             for side in ("ours", "keras")}, seconds, steps
 
 
 def whole_process_table(lines, train_count):
-    table = ["| model, batch | steps per epoch | ours ms/step (median) | Keras ms/step (median) | ours / Keras | "
-             "target | ours per repetition | Keras per repetition | seconds, 1 and 2 epochs (ours; Keras) |",
+    short, long = FLAGS.whole_process_epochs
+    table = ["| model, batch | steps of difference | ours ms/step (median) | Keras ms/step (median) | ours / Keras | "
+             f"target | ours per repetition | Keras per repetition | seconds, {short} and {long} epochs "
+             "(ours; Keras) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in FLAGS.cases:
         per_step, seconds, steps = whole_process(key, train_count)
         mine, theirs = statistics.median(per_step["ours"]), statistics.median(per_step["keras"])
-        spans = "; ".join(", ".join(f"{statistics.median(seconds[side, epochs]):.1f}" for epochs in (1, 2))
-                          for side in ("ours", "keras"))
+        spans = "; ".join(", ".join(f"{statistics.median(values):.1f}" for (who, _), values in seconds.items()
+                                    if who == side) for side in ("ours", "keras"))
         table.append(f"| {CASES[key][0]} | {steps} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} | "
                      f"<= {WHOLE_PROCESS_TARGETS.get(key, TARGETS[key])} | "
                      f"{', '.join(f'{t:.2f}' for t in per_step['ours'])} | "
@@ -503,6 +509,10 @@ def main(argv):
     unknown = [case for case in FLAGS.cases if case not in CASES]
     if unknown:
         raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if len(FLAGS.whole_process_epochs) != 2 or not all(e.isdigit() and int(e) > 0 for e in FLAGS.whole_process_epochs) \
+            or int(FLAGS.whole_process_epochs[0]) >= int(FLAGS.whole_process_epochs[1]):
+        raise app.UsageError(f"--whole_process_epochs takes two epoch counts a < b, got "
+                             f"{','.join(FLAGS.whole_process_epochs)}")
     if FLAGS.keras_process_epochs:
         return keras_process(FLAGS.cases[0], FLAGS.keras_process_epochs, FLAGS.whole_process_steps)
     tf.config.experimental.enable_op_determinism()
@@ -529,8 +539,8 @@ def main(argv):
         print(lines[-1], flush=True)
 
     levers = "".join(f" ours {lever} ms/step | {lever} / Keras |" for lever in FLAGS.levers)
-    table = [f"| model, batch | ours XLA | ours ms/step | Keras ms/step | ours / Keras |{levers} target | rounds ours | "
-             "rounds Keras |", "| --- " * (8 + 2 * len(FLAGS.levers)) + "|"]
+    table = [f"| model, batch | ours XLA | ours ms/step | Keras ms/step | ours / Keras |{levers} target | "
+             "rounds ours | rounds Keras |", "| --- " * (8 + 2 * len(FLAGS.levers)) + "|"]
     extras = ["| model, batch | ms/step: gathered in the loop | tf.data | one cached batch | input cost (median) | "
               "epoch end s (evaluation, TensorBoard, checkpoint) | epoch s | epoch end share | share of matmul peak |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
