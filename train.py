@@ -25,131 +25,26 @@ import dataclasses
 import functools
 import json
 import os
-import re
-import sys
 import time
-import typing
 
 from absl import app, flags, logging
 
-from core import interrupts, names, rundir
-from core.config import SettingError, TrainingConfig, math_settings, problem, setting
-from core.config import hparams as config_hparams
+from app.settings import HOLDOUT_EXAMPLES, RESUME_KEYS, FlagError, RunConfig, make_config, notes
+from core import cli, interrupts, names, rundir
 from core.native_logs import quiet_native_logs
+from models import REGISTRY
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROGRAM = "train.py"
-HOLDOUT_EXAMPLES = 5000
+ACTIONS = ("summary", "list_models", "find_lr")
 FROM_MODEL = " Default: the model's codelab value (see --list_models)."
-
-
-def _not_empty(value):
-    return None if value.strip() else "must not be empty"
-
-
-def _positive(value):
-    return None if value > 0 else f"must be > 0, got {value:g}"
-
-
-def _optional_positive_int(value):
-    return None if value is None or value >= 1 else f"must be a positive integer, got {value}"
-
-
-def _plain_name(value):
-    if value is None:
-        return None
-    if not value.strip():
-        return "must not be empty"
-    if os.sep in value or value in (".", ".."):
-        return f"must be a plain directory name, got {value!r}"
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig(TrainingConfig):
-    """Everything a run needs: the training settings (core.config) and where the data and the run live.
-    Each field is a flag of the same name; train.py fills the fields a user leaves out from the model."""
-    model: str = setting("conv", "Which network to train (see --list_models).", math=True)
-    validation: str = setting("test", "Data evaluated after each epoch: the 10,000 test images (as the codelab "
-                              f"does) or the last {HOLDOUT_EXAMPLES:,} training images, held out of training.",
-                              math=True, choices=("test", "holdout"))
-    dataset: str = setting("mnist", "Data set (datasets.REGISTRY); its files are downloaded into --data_dir if "
-                           "missing.", math=True, choices=("mnist", "fashion_mnist"))
-    data_dir: str | None = setting(None, "Directory of the four IDX files (plain or .gz; any image shape and "
-                                   "number of classes, read from the files); --dataset's files are downloaded "
-                                   "there if missing (default: $TF_BY_HAND_DATA_DIR or "
-                                   "~/.cache/tf-by-hand/<dataset>).")
-    logdir: str = setting("runs", "Parent directory of the run directories (point TensorBoard here).", _not_empty)
-    run_name: str | None = setting(None, "Name of this run's directory under --logdir (default: "
-                                   "<model>-<YYYYmmdd-HHMMSS>). An existing run with a checkpoint is resumed.",
-                                   _plain_name)
-    resume: bool = setting(True, "Continue the run in --run_name when it holds a checkpoint; with --noresume "
-                           "such a run directory is refused.")
-    export_dir: str | None = setting(None, "Also write the SavedModel here (it is always written to "
-                                     "<run dir>/saved_model).")
-    gradients: str = setting("tape", "How the training step computes the gradients: tf.GradientTape, or each "
-                             "layer's hand-written backward pass chained by core/backprop.py (docs/backprop.md). "
-                             "With --summary, by_hand also prints every layer's backward formulas.",
-                             math=True, choices=tuple(names.GRADIENTS))
-    strategy: str = setting("default", "How to spread training (docs/distributed.md): default = one device; "
-                            "mirrored = one replica per local GPU (or per --cpu_devices); multi_worker = "
-                            "the workers named in $TF_CONFIG (python -m cluster.launch starts them locally). "
-                            "--batch_size is the global batch.", choices=names.STRATEGIES)
-    cpu_devices: int | None = setting(None, "Split the CPU into this many logical devices (for "
-                                      "--strategy=mirrored without GPUs).", _optional_positive_int)
-    sync_batch_norm: bool = setting(False, "Under a strategy, normalize with the statistics of the global batch "
-                                    "(all-reduced sum, sum of squares and count) instead of each replica's.",
-                                    math=True)
-    early_stopping: int | None = setting(None, "Stop after this many epochs without an improvement of "
-                                         "--early_stopping_metric (default: train every epoch).",
-                                         _optional_positive_int, math=True, hparam=False)
-    early_stopping_metric: str = setting("val_loss", "What early stopping and --restore_best watch: the "
-                                         "validation loss or accuracy, or the epoch's training loss or accuracy.",
-                                         math=True, hparam=False,
-                                         choices=("val_loss", "val_accuracy", "loss", "accuracy"))
-    restore_best: bool = setting(False, "Test, export and report the weights of the epoch with the best "
-                                 "--early_stopping_metric, not the last epoch's.", math=True, hparam=False)
-    collective_timeout: float = setting(60.0, "Seconds a multi-worker all-reduce waits for a lost worker before "
-                                        "the run stops.", _positive)
-
-    def hparams(self):
-        """The settings that shape the result, for the HParams dashboard and metrics.json."""
-        return config_hparams(self)
-
-
-# The settings a resumed run must share with the run it continues (--epochs may grow).
-RESUME_KEYS = tuple(math_settings(RunConfig))
-
-
-def _define_setting(field, flag_values):
-    """The flag of one RunConfig field: its type, help and check come from the field. A setting a model
-    may set defaults to None (= not given), so the model's value can fill it."""
-    per_model = field.metadata["per_model"]
-    default = None if per_model else field.default
-    help_text = field.metadata["help"] + (FROM_MODEL if per_model else "")
-    kind = next(t for t in (str, bool, int, float) if field.type is t or t in typing.get_args(field.type))
-    if field.metadata["choices"]:
-        flags.DEFINE_enum(field.name, default, list(field.metadata["choices"]), help_text, flag_values=flag_values)
-    else:
-        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-                  str: flags.DEFINE_string}[kind]
-        define(field.name, default, help_text, flag_values=flag_values)
-
-    def check(value):
-        text = None if value is None else problem(field, value)
-        if text:
-            raise flags.ValidationError(f"--{field.name} {text}")
-        return True
-
-    flags.register_validator(field.name, check, flag_values=flag_values)
 
 
 def define_flags(flag_values=flags.FLAGS):
     """Declares train.py's flags on `flag_values` (the global FLAGS, or a fresh FlagValues in tests): one per
-    RunConfig field, checked as the flags are parsed, plus the two that print and exit."""
-    for field in dataclasses.fields(RunConfig):
-        _define_setting(field, flag_values)
+    RunConfig field, checked as the flags are parsed, plus the three that print and exit."""
+    cli.define_flags(RunConfig, flag_values, per_model_note=FROM_MODEL)
     flags.DEFINE_bool("summary", False, "Print the model (layers, formulas, parameter counts) and its "
                       "training settings, then exit.", flag_values=flag_values)
     flags.DEFINE_bool("find_lr", False, "Run the learning-rate range test from the model's initial weights, "
@@ -161,10 +56,6 @@ def define_flags(flag_values=flags.FLAGS):
 
 define_flags()
 FLAGS = flags.FLAGS
-
-
-class FlagError(ValueError):
-    """A bad command line; the message is one line naming the flag."""
 
 
 class RunError(RuntimeError):
@@ -180,11 +71,8 @@ class Interrupted(RunError):
 
 
 def fail(message, code, error=True):
-    """One line on stderr ("train.py: error: ...", or without "error:" for a deliberate stop), then exit with
-    `code`."""
-    sys.stdout.flush()
-    print(f"{PROGRAM}: {'error: ' if error else ''}{message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    """One line on stderr ("train.py: error: ...", or without "error:" for a deliberate stop), then exit."""
+    cli.fail(PROGRAM, message, code, error)
 
 
 def load_tensorflow():
@@ -199,45 +87,7 @@ def load_tensorflow():
 
 def flag_values_given(flag_values=FLAGS):
     """{flag name: value} of train.py's flags, None for a model-default flag that was not given."""
-    names = [name for name in flag_values if name in RunConfig.__dataclass_fields__ or name in
-             ("summary", "list_models", "find_lr")]
-    return {name: flag_values[name].value for name in names}
-
-
-def make_config(values, registry=None):
-    """RunConfig from flag values (None = not given -> the model's value, else the default); FlagError for
-    bad values."""
-    if registry is None:
-        from models import REGISTRY as registry
-    name = values.get("model") or RunConfig.model
-    if name not in registry:
-        raise FlagError(f"unknown model {name!r}; choose one of: {', '.join(registry)}")
-    given = {key: value for key, value in values.items()
-             if key in RunConfig.__dataclass_fields__ and value is not None}
-    try:
-        config = RunConfig(**{**registry[name].settings, **given, "model": name})
-    except SettingError as error:
-        raise FlagError(f"--{error.name} {error.problem}") from None
-    if config.gradients == "by_hand" and config.precision != "float32":
-        raise FlagError(f"--gradients=by_hand works in float32 only, not with --precision={config.precision}")
-    if config.jit_compile and config.strategy != "default":
-        if "jit_compile" in given:
-            raise FlagError(f"--jit_compile compiles the step of one replica; drop it or --strategy={config.strategy}")
-        config = dataclasses.replace(config, jit_compile=False)  # the model's default compiles one replica only
-    if config.cpu_devices is not None and config.strategy != "mirrored":
-        raise FlagError("--cpu_devices splits the CPU into the replicas of --strategy=mirrored; add that or drop "
-                        "--cpu_devices")
-    if config.sync_batch_norm and config.strategy == "default":
-        raise FlagError("--sync_batch_norm shares batch statistics among replicas; it needs --strategy=mirrored "
-                        "or multi_worker")
-    return config
-
-
-def notes(values, config):
-    """Lines about given flags that do nothing in this configuration."""
-    if values.get("lr_min") is not None and config.lr_decay is None:
-        return [f"note: --lr_min has no effect: the learning rate of {config.model} is constant (add --lr_decay)"]
-    return []
+    return cli.given(RunConfig, flag_values, extra=ACTIONS)
 
 
 # ------------------------------------------------------------------------------------------------ printing
@@ -546,7 +396,6 @@ def train_in(run_dir, config, strategy, data, out=print):
     check_data's `data`."""
     tf = load_tensorflow()
     from core import distribute
-    from models import REGISTRY
 
     spec = REGISTRY[config.model]
     splits, (image_shape, num_classes), steps_per_epoch = data
@@ -770,31 +619,28 @@ def report(metrics, config, out=print, full_run=None):
 
 # ---------------------------------------------------------------------------------------------------- main
 
-def parse_flags(argv):
-    """absl's parser, with a bad value or unknown flag reported as one line and exit code 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        # A failed check reads "flag --seed=-1: --seed must be ...": keep the part that names the flag once.
-        fail(re.sub(r"^flag --(\w+)=.*?: (?=--\1 )", "", str(error)), 2)
-
-
 def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags look like --model=conv)", 2)
+    """absl's main: the process's logging and signal handling, then command()."""
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's Python INFO lines (SavedModel writing, ...)
     interrupts.raise_on_signals()
-    values = flag_values_given()
+    return command(argv)
+
+
+def command(argv, flag_values=FLAGS):
+    """What train.py does with its parsed flags: every flag is checked before TensorFlow loads. Returns 0, or
+    exits with one line and the exit code of the module docstring."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags look like --model=conv)", 2)
+    values = flag_values_given(flag_values)
     try:
-        load_tensorflow()
-        from models import REGISTRY
         if values["list_models"]:
             print(list_models(REGISTRY), end="")
             return 0
-        config = make_config(values, REGISTRY)
+        config = make_config(values)
         for line in notes(values, config):
             print(line)
+        load_tensorflow()
         if values["summary"]:
             print_summary(config, REGISTRY)
             return 0
@@ -818,4 +664,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(PROGRAM))
