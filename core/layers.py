@@ -436,8 +436,7 @@ class Dropout(Layer):
 
 class Activation(Layer):
     """y = fn(x), elementwise (softmax: along the last axis); same shape as x. fused (default): fn's kernel
-    where TensorFlow has one (tf.nn.relu, which its graph optimizer can merge with a FusedBatchNormV3 before
-    it), else the formula."""
+    where TensorFlow has one (activations.kernel: tf.nn.relu), else the formula."""
 
     def __init__(self, fn_name, fused=True, name=None):
         super().__init__(name=name)
