@@ -13,6 +13,9 @@ MNIST [N, 28, 28] or [N, 28, 28, 1], white ink on black) and return
                    activation_1 .. activation_L in layer order (the last is the logits). The asset
                    assets/layers.json names them: {"model", "input_shape", "layers": [{"name", "type",
                    "formula", "shape", "shape_text", "output": "activation_<i>"}]}, as --summary prints them.
+  backprop         image and label -> the loss, every layer's output and dL/d(output), dL/dx and the weight
+                   gradients, by the hand-written backward passes; with the functions that teach the model one
+                   picture: app/backprop_signature.py.
 
 The input is named `image` like the codelab's digits.json key, so TensorFlow Serving's REST body
 {"instances": [{"image": <28x28 floats>}, ...]} (or {"instances": [<28x28 floats>, ...]}) works as is.
@@ -149,6 +152,7 @@ def export_saved_model(model, export_dir):
     until the new one is in place). Anything else there (a file, a directory holding files this program did
     not write) is refused with ExportError: see check_target.
     """
+    from app import backprop_signature
     if getattr(model, "input_shape", None) is None:
         raise ExportError("cannot export a model that is not built: call model.build(input_shape) first")
     export_dir = check_target(export_dir)
@@ -170,7 +174,8 @@ def export_saved_model(model, export_dir):
             # context, where a distributed variable reads as one plain variable (a trace made outside it
             # cannot be saved under MultiWorkerMirroredStrategy).
             signatures = {"serving_default": module.serve_float, "serving_uint8": module.serve_uint8,
-                          "activations": module.serve_activations}
+                          "activations": module.serve_activations,
+                          **backprop_signature.attach(module, model, assets)}
             tf.saved_model.save(module, staging, signatures=signatures)
             _move_into_place(staging, export_dir)
     except BaseException:

@@ -55,7 +55,8 @@ def mnist_dir():
 @pytest.fixture(scope="session")
 def conv_saved_model(mnist_dir, tmp_path_factory):
     """The codelab's `conv` network trained for 200 steps of 100 real MNIST images (about 97% on the test
-    set) with the project's trainer, exported by app.export: its SavedModel directory (for serve.py's tests)."""
+    set) with the project's trainer, exported by app.export beside the config.json of its Adam(0.003): its
+    SavedModel directory (for serve.py's tests)."""
     import tensorflow as tf
 
     from app import export
@@ -69,7 +70,9 @@ def conv_saved_model(mnist_dir, tmp_path_factory):
     trainer = Trainer(model, optimizers.Adam(0.003), progress=False)
     train = idx.load(mnist_dir, "train")
     trainer.fit(lambda epoch: data.training_batches(train, 100, 1, epoch), epochs=1, steps_per_epoch=200)
-    return export.export_saved_model(model, tmp_path_factory.mktemp("conv") / "saved_model")
+    run_dir = tmp_path_factory.mktemp("conv")  # as train.py leaves it: the run's settings beside saved_model/
+    (run_dir / "config.json").write_text('{"optimizer": "adam", "learning_rate": 0.003}')
+    return export.export_saved_model(model, run_dir / "saved_model")
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,13 @@ def test_model_description_is_the_summary_of_the_export(server, conv_saved_model
     status, model, _ = request(server, "GET", "/api/model")
     assert status == 200
     with open(os.path.join(conv_saved_model, "assets", export.LAYERS_ASSET), encoding="utf-8") as f:
-        assert model == json.load(f)
+        layers = json.load(f)
+    assert {key: model[key] for key in layers} == layers and model["classes"] == 10 and model["notes"] == []
+    assert [layer["name"] for layer in model["backprop"]["layers"]] == [layer["name"] for layer in layers["layers"]]
+    assert model["backprop"]["layers"][4]["backward_formula"] == (
+        "dz[N,200] = dy * [y > 0]; dw[1568,200] = xᵀ[1568,N] @ dz[N,200]; db[200] = sum_N dz; "
+        "dx[N,1568] = dz @ wᵀ[200,1568]")
+    assert model["teach"]["optimizer"] == "adam" and model["teach"]["learning_rate"] == 0.003
     assert [(layer["name"], layer["shape"]) for layer in model["layers"]] == [
         ("conv1", [28, 28, 12]), ("conv2", [14, 14, 24]), ("conv3", [7, 7, 32]), ("flatten", [1568]),
         ("dense1", [200]), ("logits", [10])]
@@ -139,9 +145,9 @@ GOOD = json.dumps({"image": [[0.0] * 28] * 28})
 @pytest.mark.parametrize("body, headers, status, message", [
     ("{\"image\": [[0.0, 0.1]", {}, 400, "not valid JSON"),
     (b"\xff\xfe{}", {}, 400, "not UTF-8 JSON"),
-    ("[1, 2, 3]", {}, 400, "one key"),
-    ("{\"picture\": 1}", {}, 400, "one key"),
-    ("{\"image\": [[0.0]], \"png\": \"\"}", {}, 400, "one key"),
+    ("[1, 2, 3]", {}, 400, "expected a JSON object with \"image\""),
+    ("{\"picture\": 1}", {}, 400, "expected a JSON object with \"image\""),
+    ("{\"image\": [[0.0]], \"png\": \"\"}", {}, 400, "expected a JSON object with \"image\""),
     (json.dumps({"image": [[0.0] * 27] * 28}), {}, 400, "shape [28, 27], expected [28, 28]"),
     (json.dumps({"image": [[0.0] * 28] * 28 + [[0.0]]}), {}, 400, "not a rectangular array"),
     (json.dumps({"image": [[255.0] * 28] * 28}), {}, 400, "in [0, 1]"),
@@ -172,6 +178,48 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(serve
     assert list(answer) == ["error"] and message in answer["error"] and "\n" not in answer["error"]
     assert "Traceback" not in answer["error"]
     assert predict(server, json.loads(GOOD))[0] == 200
+
+
+def post(url, path, payload):
+    return request(url, "POST", path, json.dumps(payload), {"Content-Type": "application/json"})
+
+
+def test_backprop_teach_and_reset_over_http(server, test_digits):
+    images, labels = test_digits
+    picture = {"png": png_base64(images[4]), "session": "http-test-page"}
+    status, trained, _ = post(server, "/api/predict", picture)
+    assert status == 200 and trained["class"] == labels[4] == 4 and trained["taught"] == 0
+    status, answer, _ = post(server, "/api/backprop", {**picture, "label": 9})
+    assert status == 200 and answer["probabilities"] == trained["probabilities"] and answer["label"] == 9
+    assert answer["loss"] == pytest.approx(-np.log(trained["probabilities"][9]), rel=1e-4)
+    assert np.shape(answer["input_gradient"]) == (28, 28) and np.abs(answer["input_gradient"]).max() > 0
+    conv1 = answer["layers"][0]
+    assert np.shape(conv1["gradient"]) == (28, 28, 12) and conv1["backward_formula"].startswith("dz[N,28,28,12]")
+    assert [(w["name"], np.shape(w.get("filters"))) for w in conv1["weights"]] == [("conv1/b", ()),
+                                                                                 ("conv1/w", (3, 3, 12))]
+    status, taught, _ = post(server, "/api/teach", {**picture, "label": 4, "steps": 5})
+    assert status == 200 and taught["before"] == trained["probabilities"] and taught["taught"] == 5
+    assert taught["after"][4] > taught["before"][4] and len(taught["losses"]) == 6
+    assert {change["name"] for change in taught["changes"]} >= {"conv1/w", "logits/w"}
+    assert post(server, "/api/predict", picture)[1]["probabilities"] == taught["after"]
+    assert post(server, "/api/predict", {"png": picture["png"]})[1]["probabilities"] == trained["probabilities"]
+    assert post(server, "/api/reset", {"session": picture["session"]})[:2] == (200, {"taught": 0})
+    assert post(server, "/api/predict", picture)[1]["probabilities"] == trained["probabilities"]
+
+
+@pytest.mark.parametrize("path, payload, message", [
+    ("/api/backprop", {"image": [[0.0] * 28] * 28}, 'or "png" (base64 picture) and "label", and optionally'),
+    ("/api/backprop", {"image": [[0.0] * 28] * 28, "label": -1}, '"label" must be the true class'),
+    ("/api/teach", {"image": [[0.0] * 28] * 28, "label": 1, "steps": 100, "session": "page-0001"}, '"steps"'),
+    ("/api/teach", {"image": [[0.0] * 28] * 28, "label": 1, "steps": 1}, '"session" is needed to teach'),
+    ("/api/reset", {}, 'expected a JSON object with one key, "session"'),
+    ("/api/reset", {"session": "../../etc"}, '"session" must be 8 to 64 letters'),
+    ("/api/predict", {"image": [[0.0] * 28] * 28, "session": 7}, '"session" must be 8 to 64 letters'),
+])
+def test_bad_backprop_teach_and_reset_requests_get_400_with_one_line(server, path, payload, message):
+    status, answer, _ = post(server, path, payload)
+    assert status == 400 and list(answer) == ["error"] and message in answer["error"], answer
+    assert "\n" not in answer["error"]
 
 
 def raw_exchange(url, data):
@@ -207,7 +255,8 @@ def test_huge_bodies_are_refused_before_they_are_read(server):
 
 
 @pytest.mark.parametrize("method, path, status", [
-    ("GET", "/api/predict", 405), ("PUT", "/api/predict", 405), ("DELETE", "/", 405),
+    ("GET", "/api/predict", 405), ("PUT", "/api/predict", 405), ("DELETE", "/", 405), ("GET", "/api/teach", 405),
+    ("GET", "/api/backprop", 405), ("GET", "/api/reset", 405), ("POST", "/api/teaching", 404),
     ("GET", "/static/../server.py", 404), ("GET", "/../../etc/passwd", 404), ("POST", "/api/model", 404),
 ])
 def test_wrong_paths_and_methods(server, method, path, status):
@@ -235,7 +284,7 @@ def without(mapping, key):
 
 
 def test_models_the_page_cannot_use_are_refused_in_one_line(conv_saved_model, tmp_path):
-    other = with_description(conv_saved_model, tmp_path / "rgb", lambda d: dict(d, input_shape=[32, 32, 3]))
+    other = with_description(conv_saved_model, tmp_path / "two", lambda d: dict(d, input_shape=[28, 28, 2]))
     older = tmp_path / "older"
     shutil.copytree(conv_saved_model, older)
     (older / "assets" / export.LAYERS_ASSET).unlink()
@@ -261,8 +310,8 @@ def test_models_the_page_cannot_use_are_refused_in_one_line(conv_saved_model, tm
         with pytest.raises(web_server.ModelError, match=re.escape(message)):
             web_server.Inspector(path)
     cases = [
-        ([f"--model_dir={other}"], 1, "takes inputs of shape [32, 32, 3]; the drawing page needs a model of "
-                                      "28x28x1 images"),
+        ([f"--model_dir={other}"], 1, "takes inputs of shape [28, 28, 2]; the page shows grey [H, W, 1] or "
+                                      "colour [H, W, 3] images"),
         ([f"--model_dir={conv_saved_model}", "--host="], 2, "--host=: no address; give 127.0.0.1"),
         ([f"--model_dir={conv_saved_model}", "--host=  "], 2, "--host=  : no address; give 127.0.0.1"),
         ([], 2, "--model_dir"),
@@ -291,14 +340,14 @@ class StubInspector:
     """A stand-in for the model: answers class 3, and with `hold` set waits (at most 20 s) until it is
     released, to keep a prediction in progress."""
 
-    description = {"model": "stub", "input_shape": [28, 28, 1], "layers": []}
+    about = {"model": "stub", "input_shape": [28, 28, 1], "layers": []}
 
     def __init__(self, hold=False):
         self.started, self.released = threading.Event(), threading.Event()
         if not hold:
             self.released.set()
 
-    def inspect(self, x):
+    def predict(self, request):
         self.started.set()
         assert self.released.wait(20)
         return {"class": 3, "probabilities": [0.1] * 10, "layers": []}
@@ -349,7 +398,7 @@ def test_predictions_beyond_max_busy_get_503_with_retry_after():
         assert inspector.started.wait(20)
         status, answer, response = predict(server.url, json.loads(GOOD))
         assert status == 503 and response.getheader("Retry-After") == "1"
-        assert answer == {"error": "busy with as many predictions as it runs at once (1); try again in a second"}
+        assert answer == {"error": "busy with as many requests as it runs at once (1); try again in a second"}
         assert response.getheader("X-Content-Type-Options") == "nosniff"
         inspector.released.set()
         thread.join(20)
