@@ -1,7 +1,15 @@
 """lab's API without Jupyter: fit on real MNIST with no run directory, LiveCurves' redraws, show_mistakes, and
 the one line a learner without data sees."""
+import numpy as np
+import pytest
+
 import lab
 from lab.api import DataNotFound
+
+
+@pytest.fixture(scope="module")
+def data(mnist_dir):
+    return lab.mnist(mnist_dir)
 
 
 class FakeHandle:
@@ -12,9 +20,8 @@ class FakeHandle:
         self.shown.append(picture._repr_png_())
 
 
-def test_fit_returns_the_history_and_livecurves_redraws_one_figure_per_epoch(mnist_dir, tmp_path, monkeypatch):
+def test_fit_returns_the_history_and_livecurves_redraws_one_figure_per_epoch(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = lab.mnist(mnist_dir)
     config = lab.settings("softmax", epochs=3, steps_per_epoch=20, log_every=10)
     model = lab.build("softmax", config, data)
     handle = FakeHandle()
@@ -33,11 +40,28 @@ def test_fit_returns_the_history_and_livecurves_redraws_one_figure_per_epoch(mni
     assert picture.size[0] == 10 * (28 * 2 + 2)
 
 
+def test_subset_keeps_the_first_examples_and_validates_on_the_cut_test_set(data):
+    small = data.subset(train=1000, test=300)
+    assert [int(split.cardinality()) for split in (small.train, small.validation, small.test)] == [1000, 300, 300]
+    assert small.validation is small.test and small.image_shape == (28, 28, 1) and small.num_classes == 10
+    for cut, full in ((small.train, data.train), (small.test, data.test)):
+        (x, y), = cut.skip(int(cut.cardinality()) - 1)
+        (x_full, y_full), = full.skip(int(cut.cardinality()) - 1).take(1)
+        np.testing.assert_array_equal(x, x_full)
+        assert int(y) == int(y_full)
+    assert data.subset() == data and data.subset(test=10**6).test is data.test
+    holdout = lab.Data(data.train, data.train, data.test, (28, 28, 1), 10, "").subset(test=100)
+    assert holdout.validation is data.train   # a held-out validation split is not the test set: left whole
+    with pytest.raises(ValueError, match="at least one example"):
+        data.subset(train=0)
+
+
 def test_no_data_is_one_line_saying_how_to_get_it(tmp_path):
     try:
         lab.mnist(tmp_path / "empty", download=False)
     except DataNotFound as error:
         lines = error._render_traceback_()
-        assert len(lines) == 1 and "missing" in lines[0] and "--data_dir" in lines[0] or "DATA_DIR" in lines[0]
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+        assert lines[0].startswith("DataNotFound: no MNIST files in ") and "TF_BY_HAND_DATA_DIR=DIR" in lines[0]
     else:
         raise AssertionError("no error")
