@@ -12,7 +12,7 @@ from core.config import SettingError, TrainingConfig, math_settings, setting
 from core.config import hparams as config_hparams
 from models import REGISTRY
 
-__all__ = ["RunConfig", "RESUME_KEYS", "HOLDOUT_EXAMPLES", "FlagError", "make_config", "notes"]
+__all__ = ["RunConfig", "RESUME_KEYS", "HOLDOUT_EXAMPLES", "FlagError", "make_config", "notes", "make_strategy"]
 
 HOLDOUT_EXAMPLES = 5000
 
@@ -132,3 +132,12 @@ def notes(values, config):
     if values.get("lr_min") is not None and config.lr_decay is None:
         return [f"note: --lr_min has no effect: the learning rate of {config.model} is constant (add --lr_decay)"]
     return []
+
+
+def make_strategy(config):
+    """The tf.distribute strategy of --strategy (before any TensorFlow op); FlagError for a bad setting."""
+    from core import distribute
+    try:
+        return distribute.make_strategy(config.strategy, config.cpu_devices, config.collective_timeout)
+    except distribute.DistributeError as error:
+        raise FlagError(str(error)) from None

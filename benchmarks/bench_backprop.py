@@ -30,7 +30,7 @@ def main(argv):
     import tensorflow as tf
 
     import datasets
-    from core import backprop, data
+    from core import backprop, data, names
     from datasets import idx
     from core.runner import Runner, tape_gradients
     from models import REGISTRY
@@ -47,7 +47,7 @@ def main(argv):
             tf.random.set_seed(FLAGS.seed)
             model = spec.build(config.dropout)
             model.build((None, 28, 28, 1))
-            optimizer = train.make_optimizer(config, train.learning_rate_schedule(config, 100))
+            optimizer = names.optimizer(config, names.learning_rate_schedule(config, 100))
             runner = Runner(model, optimizer, compute_gradients=compute_gradients)
             runner.prepare(batches.element_spec)
             trainers[how] = (runner, iter(batches))

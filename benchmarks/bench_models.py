@@ -20,7 +20,11 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402  (defines train.py's flags, which this script accepts too)
+from app.console import describe_training  # noqa: E402
+from app.run import load_data  # noqa: E402
 from benchmarks import results  # noqa: E402
+from core import cli  # noqa: E402
+from core.native_logs import load_tensorflow  # noqa: E402
 
 flags.DEFINE_list("models", None, "Models to train (default: all of them, in the codelab's order).")
 flags.DEFINE_integer("steps", None, "Quick check: train each model for 1 epoch of this many steps "
@@ -46,7 +50,7 @@ def train_all(names, overrides, stamp):
         for seed in seeds_for(name, overrides.get("seed") or 1):
             values = {**overrides, "model": name, "seed": seed, "run_name": f"bench-{name}-s{seed}-{stamp}"}
             config = train.make_config(values, REGISTRY)
-            print(f"\n=== {name}, seed {seed}: {train.describe_training(config)}", flush=True)
+            print(f"\n=== {name}, seed {seed}: {describe_training(config)}", flush=True)
             rows.append((name, seed, train.run(config)))
     return rows
 
@@ -145,9 +149,9 @@ def compare_step_time(overrides, warmup, steps):
     """Ours vs Keras ms/step for conv at its default batch size and learning rate, as markdown."""
     from models import REGISTRY
     config = train.make_config({**overrides, "model": "conv"}, REGISTRY)
-    tf = train.load_tensorflow()
+    tf = load_tensorflow()
     tf.config.experimental.enable_op_determinism()
-    train_set = train.load_data(config)[0]
+    train_set = load_data(config)[0]
     args = (tf, train_set, config.batch_size, config.learning_rate, config.seed, warmup, steps)
     keras_runs, ours_runs = [], []
     for _ in range(2):  # alternated, so a change in the shared CPU's load hits both
@@ -177,7 +181,7 @@ def main(argv):
         if FLAGS.steps < 1:
             train.fail(f"--steps must be a positive integer, got {FLAGS.steps}", 2)
         values.update(epochs=1, steps_per_epoch=FLAGS.steps)
-    train.load_tensorflow()
+    load_tensorflow()
     from models import REGISTRY
     names = FLAGS.models or list(REGISTRY)
     unknown = [name for name in names if name not in REGISTRY]
@@ -199,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(train.PROGRAM))

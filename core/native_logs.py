@@ -28,3 +28,11 @@ def quiet_native_logs(replay_on_error=True):
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def load_tensorflow():
+    """Imports TensorFlow and initialises its devices with the start-up noise hidden; returns the module."""
+    with quiet_native_logs():
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+    return tf

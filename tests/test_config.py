@@ -6,6 +6,7 @@ import pytest
 from absl import flags
 
 import train
+from app.console import describe_training
 from core.config import SettingError, TrainingConfig, hparams, math_settings
 from models import REGISTRY, ModelSpec
 
@@ -46,8 +47,8 @@ def test_the_dense_models_default_to_xla_except_under_a_strategy():
     assert [name for name, on in jit.items() if on] == ["dense_sigmoid", "dense", "dense_decay", "dense5"]
     assert not train.make_config({"model": "dense5", "jit_compile": False}).jit_compile
     assert train.make_config({"model": "conv", "jit_compile": True}).jit_compile
-    assert train.describe_training(train.make_config({"model": "dense5"})).endswith(", step compiled by XLA")
-    assert "XLA" not in train.describe_training(train.make_config({"model": "conv"}))
+    assert describe_training(train.make_config({"model": "dense5"})).endswith(", step compiled by XLA")
+    assert "XLA" not in describe_training(train.make_config({"model": "conv"}))
     # The model's default yields to a strategy (XLA compiles one replica's step); the flag does not.
     assert not train.make_config({"model": "dense5", "strategy": "mirrored"}).jit_compile
     with pytest.raises(train.FlagError, match=r"--jit_compile compiles the step of one replica; drop it or "

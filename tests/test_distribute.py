@@ -260,8 +260,9 @@ def test_a_failed_export_names_its_reason(monkeypatch, tmp_path):
                          "If you're saving with\n")
 
     monkeypatch.setattr(export, "export_saved_model", refuse)
+    from app.run import export_model
     with pytest.raises(train.RunError) as caught:
-        train.export_model(dense_model(), str(tmp_path / "saved_model"), str(tmp_path / "run"))
+        export_model(dense_model(), str(tmp_path / "saved_model"), str(tmp_path / "run"))
     assert str(caught.value).startswith(
         "export failed (ValueError: Unable to save function b'__inference_signature_wrapper_7' for the following "
         "reason(s): ConcreteFunction that uses distributed variables in certain way cannot be saved.); the trained "

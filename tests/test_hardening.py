@@ -142,20 +142,21 @@ def test_a_signal_during_start_up_is_one_line(mnist_dir, tmp_path, signum):
 
 
 def test_the_interrupt_message_promises_a_checkpoint_only_when_there_is_one(tmp_path):
-    import train as train_module
+    from app.rundirs import interrupted, resume_hint
+    from app.settings import make_config
     from core.interrupts import Interrupt
 
     run_dir = tmp_path / "r"
     (run_dir / "checkpoints").mkdir(parents=True)
-    named = train_module.resume_hint(train_module.make_config({"run_name": "r"}), str(run_dir))
-    unnamed = train_module.resume_hint(train_module.make_config({}), str(run_dir))
+    named = resume_hint(make_config({"run_name": "r"}), str(run_dir))
+    unnamed = resume_hint(make_config({}), str(run_dir))
     assert (named, unnamed) == ("resume with the same command", "resume with the same command and --run_name=r")
-    assert train_module.interrupted(str(run_dir), Interrupt(signal.SIGTERM), named) == \
+    assert interrupted(str(run_dir), Interrupt(signal.SIGTERM), named) == \
         f"stopped by SIGTERM before the first checkpoint; nothing to resume in {run_dir}"
-    assert train_module.interrupted(str(run_dir), Interrupt(signal.SIGTERM), named, discarded=True) == \
+    assert interrupted(str(run_dir), Interrupt(signal.SIGTERM), named, discarded=True) == \
         "stopped by SIGTERM during start-up; nothing was written"
     (run_dir / "checkpoints" / "ckpt-3.index").write_bytes(b"")
-    assert train_module.interrupted(str(run_dir), KeyboardInterrupt(), unnamed) == \
+    assert interrupted(str(run_dir), KeyboardInterrupt(), unnamed) == \
         f"stopped by SIGINT; the last checkpoint in {run_dir} is kept: resume with the same command and --run_name=r"
 
 

@@ -292,34 +292,36 @@ def test_a_relative_logdir_resumes_quietly_and_the_lines_say_what_runs(mnist_dir
 
 
 def test_the_target_is_given_plainly_for_a_run_as_long_as_the_codelabs():
-    import train as train_module
+    from app.console import report
+    from app.run import codelab_run
+    from app.settings import make_config
     from models import REGISTRY
-    full = train_module.codelab_run(config_of(epochs=100, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600)
+    full = codelab_run(config_of(epochs=100, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600)
     assert full == {"epochs": 100, "reached": True}
-    assert train_module.codelab_run(config_of(epochs=99, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600) \
+    assert codelab_run(config_of(epochs=99, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600) \
         == {"epochs": 100, "reached": False}
-    big = train_module.make_config({"model": "conv_bn_big"}, REGISTRY)  # 20 epochs of 500 steps
-    assert train_module.codelab_run(big, REGISTRY["conv_bn_big"], 60_000, 500) == {"epochs": 20, "reached": True}
+    big = make_config({"model": "conv_bn_big"}, REGISTRY)  # 20 epochs of 500 steps
+    assert codelab_run(big, REGISTRY["conv_bn_big"], 60_000, 500) == {"epochs": 20, "reached": True}
     metrics = {"run_dir": "runs/x", "best_val_accuracy": 0.93, "best_epoch": 100, "test_accuracy": 0.925,
                "target": ">= 92% test accuracy", "stopped": None, "wall_seconds": 60.0, "steps": 60_000,
                "epochs": 100, "pictures": [], "saved_model": ["runs/x/saved_model"]}
     lines = []
-    train_module.report(metrics, config_of(epochs=100, steps_per_epoch=None), lines.append, full_run=full)
+    report(metrics, config_of(epochs=100, steps_per_epoch=None), lines.append, full_run=full)
     assert lines[0] == "test accuracy: final 92.50%, best 93.00% (epoch 100)   (target: >= 92% test accuracy)"
 
 
 def test_mirrored_on_one_cpu_device_says_how_to_split_it():
     import types
 
-    import train as train_module
+    from app.console import one_cpu_hint
     from core import distribute
     one = tf.distribute.MirroredStrategy(["/cpu:0"])
     assert distribute.describe(one) == "mirrored: 1 replica on CPU:0"
     config = config_of(strategy="mirrored")
-    assert train_module.one_cpu_hint(config, one) == \
+    assert one_cpu_hint(config, one) == \
         "; no GPU found: --cpu_devices=2 splits the CPU into 2 devices to try data parallelism"
-    assert train_module.one_cpu_hint(config, types.SimpleNamespace(num_replicas_in_sync=2)) == ""
-    assert train_module.one_cpu_hint(config_of(), one) == ""
+    assert one_cpu_hint(config, types.SimpleNamespace(num_replicas_in_sync=2)) == ""
+    assert one_cpu_hint(config_of(), one) == ""
 
 
 def test_non_finite_loss_gives_one_line_and_exit_code_1(mnist_dir, tmp_path):
@@ -354,30 +356,31 @@ def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path):
     assert metrics["steps"] == 40 and metrics["epochs"] == 2 and metrics["resumed"]
 
     # The resume rules are checked before any data is read: test them in-process.
-    import train as train_module
+    from app.rundirs import check_resume, claim_run_dir
+    from app.settings import FlagError, make_config
     from models import REGISTRY
     values = {"model": "softmax", "steps_per_epoch": 20, "logdir": str(tmp_path), "run_name": "r", "epochs": 3}
     run_dir = str(tmp_path / "r")
-    with pytest.raises(train_module.FlagError, match=r"was started with --batch_size=100, not 50"):
-        train_module.check_resume(train_module.make_config({**values, "batch_size": 50}, REGISTRY), run_dir)
-    with pytest.raises(train_module.FlagError, match=r"was started with --seed=1, not 2"):
-        train_module.check_resume(train_module.make_config({**values, "seed": 2}, REGISTRY), run_dir)
+    with pytest.raises(FlagError, match=r"was started with --batch_size=100, not 50"):
+        check_resume(make_config({**values, "batch_size": 50}, REGISTRY), run_dir)
+    with pytest.raises(FlagError, match=r"was started with --seed=1, not 2"):
+        check_resume(make_config({**values, "seed": 2}, REGISTRY), run_dir)
     # Loop length and logging change no numbers: a resume may use others.
-    assert train_module.check_resume(train_module.make_config(
+    assert check_resume(make_config(
         {**values, "steps_per_loop": 7, "log_every": 3}, REGISTRY), run_dir) is True
-    with pytest.raises(train_module.FlagError, match=r"already holds a checkpoint; drop --noresume"):
-        train_module.check_resume(train_module.make_config({**values, "resume": False}, REGISTRY), run_dir)
-    config = train_module.make_config(values, REGISTRY)
-    with train_module.claim_run_dir(config) as claimed:
+    with pytest.raises(FlagError, match=r"already holds a checkpoint; drop --noresume"):
+        check_resume(make_config({**values, "resume": False}, REGISTRY), run_dir)
+    config = make_config(values, REGISTRY)
+    with claim_run_dir(config) as claimed:
         assert claimed.path == run_dir and not claimed.created
-        assert train_module.check_resume(config, run_dir) is True
+        assert check_resume(config, run_dir) is True
     # A run started before a setting existed had that setting's default: it still resumes, and only with it.
     started = json.loads((tmp_path / "r" / "config.json").read_text())
     del started["dataset"]
     (tmp_path / "r" / "config.json").write_text(json.dumps(started))
-    assert train_module.check_resume(config, run_dir) is True
-    with pytest.raises(train_module.FlagError, match=r"was started with --dataset=mnist, not fashion_mnist"):
-        train_module.check_resume(train_module.make_config({**values, "dataset": "fashion_mnist"}, REGISTRY), run_dir)
+    assert check_resume(config, run_dir) is True
+    with pytest.raises(FlagError, match=r"was started with --dataset=mnist, not fashion_mnist"):
+        check_resume(make_config({**values, "dataset": "fashion_mnist"}, REGISTRY), run_dir)
 
 
 def _final_state(run_dir):
