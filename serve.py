@@ -3,9 +3,12 @@
   python serve.py --model_dir=runs/<run>/saved_model            # then open the URL it prints
   python serve.py --model_dir=runs/<run>/saved_model --port=0   # any free port
 
-The page shows the 28x28 picture the model sees (prepared as predict.py prepares pictures), each layer's
-activations captioned with its formula and shape, and the ten probabilities, updated while you draw; it can
-also classify an uploaded photo. Everything is served by this process (no internet needed); it listens on
+The page shows the picture the model sees (for MNIST's 28x28 prepared as predict.py prepares pictures; a grey
+model of another size gets it resized, a colour model the centre of an uploaded photo), each layer's activations
+captioned with its formula and shape, and the probabilities, updated while you draw. Say what the digit really
+is and it shows backpropagation: the loss, dL/dx and each layer's dL/dy and weight gradients, captioned with the
+backward formulas; "Teach it" applies the run's optimizer (from config.json beside saved_model/) to a copy of the
+weights held in memory for the page, "Reset" restores the trained model. The SavedModel is never changed. Everything is served by this process (no internet needed); it listens on
 127.0.0.1 only unless --host says otherwise (::1 for IPv6; 0.0.0.0 for every interface, with a warning: anyone
 who can reach this computer can then use the page). The page's API is described in web/server.py.
 Exit codes: 0 stopped with Ctrl-C; 1 a model the page cannot use or a port that cannot be bound; 2 bad flags.
@@ -25,7 +28,7 @@ flags.DEFINE_string("model_dir", None, "SavedModel directory written by train.py
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1 or ::1 keep the page on this computer; "
                     "0.0.0.0 opens it to every network this computer is on).")
 flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one.", lower_bound=0, upper_bound=65535)
-flags.DEFINE_integer("max_busy", 4, "Predictions prepared or run at once; more requests are answered 503 (busy).",
+flags.DEFINE_integer("max_busy", 4, "Requests prepared or run at once; more are answered 503 (busy).",
                      lower_bound=1)
 flags.DEFINE_bool("verbose", False, "Print one line per HTTP request.")
 flags.mark_flag_as_required("model_dir")

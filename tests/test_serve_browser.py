@@ -1,9 +1,9 @@
 """serve.py's page in a real headless Chromium (Debian's chromium and chromium-driver, driven by Selenium):
 draw a "1" with the mouse and a "0" with a pen (a "1" by touch at phone width), upload a photo, and check the
 prediction, every layer's panel, that nothing was fetched from outside 127.0.0.1, the accessibility basics and
-the phone-width layout. Screenshots go to the test's temporary directory, and also to $TF_BY_HAND_SCREENSHOTS
+the phone-width layout; say a "0" is a 6 and see every layer's gradients, teach it the true label and reset it. Screenshots go to the test's temporary directory, and also to $TF_BY_HAND_SCREENSHOTS
 if set. The page serves the tests' quickly trained conv model (no dropout), or the export in
-$TF_BY_HAND_SERVE_MODEL. README's pictures, of the codelab's conv network (its 7 layers, dropout included):
+$TF_BY_HAND_SERVE_MODEL. README's and docs/backprop.md's pictures, of the codelab's conv network (its 7 layers, dropout included):
 
   python train.py --model=conv --run_name=conv
   TF_BY_HAND_SCREENSHOTS=docs TF_BY_HAND_SERVE_MODEL=runs/conv/saved_model python -m pytest tests/test_serve_browser.py
@@ -167,7 +167,7 @@ def test_draw_a_one_and_a_zero_and_watch_every_layer(page, page_url, tmp_path):
 
     for layer in model["layers"]:
         panel = driver.find_element(By.CSS_SELECTOR, f'figure.layer[data-name="{layer["name"]}"]')
-        canvases = panel.find_elements(By.TAG_NAME, "canvas")
+        canvases = panel.find_elements(By.CSS_SELECTOR, ".forward canvas")
         expected = layer["shape"][-1] if len(layer["shape"]) == 3 else 1
         assert len(canvases) == expected, layer["name"]
         caption = panel.find_element(By.TAG_NAME, "figcaption").text
@@ -220,6 +220,73 @@ def test_upload_a_photo(page, page_url, mnist_dir, tmp_path):
     before = updates(driver)
     driver.find_element(By.ID, "upload").send_keys(str(photo))
     assert wait_for_answer(driver, before) == str(expected) == "7"
+
+
+def shown(driver, what):
+    """The page's last exact probabilities: "predict" (the page's model now), "before" or "after" teaching."""
+    return driver.execute_script(f"return window.shown.{what}")
+
+
+def counter(driver, name):
+    return int(driver.execute_script(f"return Number(document.body.dataset.{name} || 0)"))
+
+
+def wait_until(driver, condition):
+    WebDriverWait(driver, WAIT_SECONDS).until(lambda d: d.execute_script(f"return {condition}"))
+
+
+def test_say_what_it_is_watch_the_gradients_teach_it_and_reset(page, tmp_path):
+    """A "0" labelled 6: every layer's dL/dy panel and weight gradients appear, captioned with the backward
+    formula; five steps with the true label raise its probability; Reset brings back the trained model's
+    probabilities bit for bit."""
+    driver, model = page
+    clear_with_keyboard(driver)
+    before = updates(driver)
+    draw(driver, ZERO, "mouse")
+    assert wait_for_answer(driver, before) == "0"
+    trained = shown(driver, "predict")
+
+    gradients = counter(driver, "gradients")
+    driver.find_element(By.CSS_SELECTOR, '#labels button[data-label="6"]').click()
+    wait_until(driver, f"Number(document.body.dataset.gradients) > {gradients} && document.body.dataset.busy === 'false'")
+    assert driver.find_element(By.CSS_SELECTOR, '#labels [aria-checked="true"]').text == "6"
+    assert "for label 6" in driver.find_element(By.ID, "loss").text
+    assert " ".join(model["backprop"]["loss_formula"].split()) == driver.find_element(By.ID, "loss-formula").text
+    for layer, backward in zip(model["layers"], model["backprop"]["layers"]):
+        panel = driver.find_element(By.CSS_SELECTOR, f'figure.layer[data-name="{layer["name"]}"]')
+        assert backward["backward_formula"] in panel.find_element(By.CSS_SELECTOR, ".backward-caption").text
+        maps = panel.find_elements(By.CSS_SELECTOR, ".gradient canvas")
+        assert len(maps) == (layer["shape"][-1] if len(layer["shape"]) == 3 else 1), layer["name"]
+        assert len(panel.find_elements(By.CSS_SELECTOR, ".weights li")) == len(backward["variables"])
+    coloured = driver.execute_script("""
+        const tinted = c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 2]) return true; return false; };
+        return [tinted(document.getElementById('saliency')),
+                ...[...document.querySelectorAll('figure.layer')].map(p => [...p.querySelectorAll('.gradient canvas')].some(tinted))];
+    """)
+    assert all(coloured), coloured   # red or blue somewhere in dL/dx and in every layer's dL/dy
+    assert save_screenshot(driver, "serve-backprop.png", tmp_path)[:8] == b"\x89PNG\r\n\x1a\n"
+
+    true_label = driver.find_element(By.CSS_SELECTOR, '#labels button[data-label="0"]')
+    gradients = counter(driver, "gradients")
+    true_label.click()
+    wait_until(driver, f"Number(document.body.dataset.gradients) > {gradients} && document.body.dataset.busy === 'false'")
+    taught, before = counter(driver, "taught"), updates(driver)
+    driver.find_element(By.ID, "teach5").click()
+    wait_until(driver, f"Number(document.body.dataset.taught) > {taught} && Number(document.body.dataset.updates) > "
+                       f"{before} && document.body.dataset.busy === 'false'")
+    assert shown(driver, "before") == trained
+    assert shown(driver, "after")[0] > trained[0] and shown(driver, "predict") == shown(driver, "after")
+    assert "5 steps with label 0" in driver.find_element(By.ID, "teach-status").text
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#changes li")) == sum(
+        len(layer["variables"]) for layer in model["backprop"]["layers"])
+
+    resets, before = counter(driver, "resets"), updates(driver)
+    driver.find_element(By.ID, "reset").click()
+    wait_until(driver, f"Number(document.body.dataset.resets) > {resets} && Number(document.body.dataset.updates) > "
+                       f"{before} && document.body.dataset.busy === 'false'")
+    assert shown(driver, "predict") == trained
+    assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
 def test_accessibility_basics(page):

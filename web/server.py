@@ -252,7 +252,7 @@ class Inspector:
             weights = []
             for variable in backward["variables"]:
                 g = outputs[variable["gradient"]]
-                weight = {"name": variable["name"], "shape": list(g.shape), "norm": float(np.linalg.norm(g))}
+                weight = {"name": variable["name"], "shape": list(g.shape), "norm": float(np.linalg.norm(g.astype(np.float64)))}
                 if g.ndim == 4:
                     weight["filters"] = _significant(g.sum(axis=2))
                 weights.append(weight)
@@ -295,9 +295,9 @@ class Inspector:
                  for variable in layer["variables"]]
         for (layer, name), old, new in zip(names, weights, after):
             delta = new - old
-            norm = float(np.linalg.norm(delta))
+            norm = float(np.linalg.norm(delta.astype(np.float64)))
             changes.append({"layer": layer, "name": name, "shape": list(old.shape), "norm": norm,
-                            "relative": norm / max(float(np.linalg.norm(old)), 1e-12),
+                            "relative": norm / max(float(np.linalg.norm(old.astype(np.float64))), 1e-12),
                             "largest": float(np.abs(delta).max())})
         return {"before": _exact(before), "after": _exact(outputs["probabilities"][0]), "label": label,
                 "class": int(outputs["classes"][0]), "losses": losses, "steps": steps, "taught": taught,
