@@ -1,4 +1,6 @@
-"""train.py end to end, as a user runs it: a subprocess on real MNIST, its console, exit codes and run directory."""
+"""train.py end to end, as a user runs it: its console, exit codes and run directory on real MNIST. The command
+runs in this process (cli()); a subprocess only where the process is what is checked: TensorFlow's start-up
+noise, an answer given before TensorFlow loads, SIGKILL."""
 import glob
 import json
 import os
@@ -7,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from keras_twins import KERAS_TWINS, keras_counts
 
@@ -23,6 +27,21 @@ def train(*args, cwd=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
+
+
+def cli(*args, capsys=None):
+    """train.py's command with `args`, in this process: its flags parsed afresh, its exit code and its console ->
+    a CompletedProcess-like (returncode, stdout, stderr); `capsys`: pytest's fixture, which reads the console."""
+    import train as train_module
+    from core import cli as core_cli
+    flag_values = flags.FlagValues()
+    train_module.define_flags(flag_values)
+    try:
+        code = train_module.command(core_cli.parse("train.py", ["train.py", *args], flag_values), flag_values)
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def assert_one_error_line(result, code, pattern):
@@ -119,8 +138,9 @@ def test_cli_writes_tensorboard_scalars_histograms_images(softmax_run):
     assert (".", "graph") in events and (".", "hparams") in events, events.keys()
 
 
-def test_summary_counts_equal_keras(tmp_path):
-    result = train("--model=conv_bn", "--summary", cwd=tmp_path)
+def test_summary_counts_equal_keras(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = cli("--model=conv_bn", "--summary", capsys=capsys)
     assert result.returncode == 0, result.stderr
     counts = [int(re.search(rf"^{what} params: ([\d,]+)$", result.stdout, re.M).group(1).replace(",", ""))
               for what in ("Total", "Trainable", "Non-trainable")]
@@ -155,8 +175,8 @@ def test_summary_by_hand_prints_every_layers_backward_formula(name, capsys):
     assert "backward: dw[" in out and "gradients by hand" in out
 
 
-def test_list_models(tmp_path):
-    result = train("--list_models", cwd=tmp_path)
+def test_list_models(capsys):
+    result = cli("--list_models", capsys=capsys)
     assert result.returncode == 0, result.stderr
     names = re.findall(r"^(\w+)$", result.stdout, re.M)
     assert names == list(KERAS_TWINS)
@@ -193,29 +213,44 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
-def test_bad_flag_gives_one_line_and_exit_code_2(args, message, tmp_path):
-    result = train(*args, f"--logdir={tmp_path / 'runs'}", cwd=tmp_path)
+def test_bad_flag_gives_one_line_and_exit_code_2(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = cli(*args, f"--logdir={tmp_path / 'runs'}", capsys=capsys)
     assert_one_error_line(result, 2, message)
     assert result.stdout == ""
     assert not (tmp_path / "runs").exists(), "nothing may be written before the flags are checked"
 
 
-def test_lr_min_without_a_decay_says_it_has_no_effect(tmp_path):
-    result = train("--model=dense", "--lr_min=0.001", "--summary", cwd=tmp_path)
+def test_a_bad_choice_is_refused_before_tensorflow_loads(tmp_path):
+    """The registries of names import no TensorFlow: --model=nope is one line and exit code 2 from a process that
+    never imported it (said on stdout as the process exits)."""
+    harness = ("import atexit, runpy, sys\n"
+               "atexit.register(lambda: print('tensorflow' in sys.modules))\n"
+               f"sys.argv, sys.path[0] = [{TRAIN!r}, '--model=nope'], {str(REPO)!r}\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", harness], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=60)
+    assert_one_error_line(result, 2, r"unknown model 'nope'; choose one of: softmax, .*conv_small")
+    assert result.stdout == "False\n", "TensorFlow was imported"
+
+
+def test_lr_min_without_a_decay_says_it_has_no_effect(capsys):
+    result = cli("--model=dense", "--lr_min=0.001", "--summary", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "note: --lr_min has no effect: the learning rate of dense is constant" in result.stdout
-    with_decay = train("--model=conv", "--lr_min=0.001", "--summary", cwd=tmp_path)
+    with_decay = cli("--model=conv", "--lr_min=0.001", "--summary", capsys=capsys)
     assert with_decay.returncode == 0 and "no effect" not in with_decay.stdout
     assert "lr = 0.001 + 0.01 * 0.6^epoch" in with_decay.stdout
 
 
-def test_unusable_data_gives_one_line_and_exit_code_1(tmp_path):
+def test_unusable_data_gives_one_line_and_exit_code_1(tmp_path, capsys):
     data_dir = tmp_path / "mnist"
     data_dir.mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         (data_dir / name).write_bytes(b"not an IDX file")
-    result = train("--model=softmax", f"--data_dir={data_dir}", f"--logdir={tmp_path / 'runs'}", cwd=tmp_path)
+    result = cli("--model=softmax", f"--data_dir={data_dir}", f"--logdir={tmp_path / 'runs'}", capsys=capsys)
     assert_one_error_line(result, 1, r"train-images-idx3-ubyte")
     assert not (tmp_path / "runs").exists()  # the data is checked before a run directory is claimed
 
@@ -324,32 +359,32 @@ def test_mirrored_on_one_cpu_device_says_how_to_split_it():
     assert one_cpu_hint(config_of(), one) == ""
 
 
-def test_non_finite_loss_gives_one_line_and_exit_code_1(mnist_dir, tmp_path):
-    result = train("--model=softmax", "--learning_rate=1e38", "--epochs=1", "--steps_per_epoch=20",
+def test_non_finite_loss_gives_one_line_and_exit_code_1(mnist_dir, tmp_path, capsys):
+    result = cli("--model=softmax", "--learning_rate=1e38", "--epochs=1", "--steps_per_epoch=20",
                    "--log_every=5", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}",
-                   "--run_name=nan")
+               "--run_name=nan", capsys=capsys)
     assert_one_error_line(result, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
     assert not (tmp_path / "nan" / "metrics.json").exists()
 
 
-def test_jit_compile_trains_exports_and_keeps_the_nan_guard(mnist_dir, tmp_path):
+def test_jit_compile_trains_exports_and_keeps_the_nan_guard(mnist_dir, tmp_path, capsys):
     common = ["--model=dense", "--epochs=1", "--steps_per_epoch=20", "--log_every=5", "--noprogress",
               "--jit_compile", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}"]
-    result = train(*common, "--run_name=xla")
+    result = cli(*common, "--run_name=xla", capsys=capsys)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "xla" / "metrics.json").read_text())
     assert metrics["steps"] == 20 and metrics["test_accuracy"] > 0.8 and metrics["hparams"]["jit_compile"]
     assert (tmp_path / "xla" / "saved_model" / "saved_model.pb").exists()
-    failed = train(*common, "--learning_rate=1e38", "--run_name=nan")
+    failed = cli(*common, "--learning_rate=1e38", "--run_name=nan", capsys=capsys)
     assert_one_error_line(failed, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
 
 
-def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path):
+def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path, capsys):
     common = ["--model=softmax", "--steps_per_epoch=20", "--log_every=10", "--noprogress",
               f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=r"]
-    first = train(*common, "--epochs=1")
+    first = cli(*common, "--epochs=1", capsys=capsys)
     assert first.returncode == 0, first.stderr
-    second = train(*common, "--epochs=2")
+    second = cli(*common, "--epochs=2", capsys=capsys)
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stdout and "epoch 1/2" not in second.stdout and "epoch 2/2" in second.stdout
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -396,14 +431,14 @@ def _latest_checkpoint_number(run_dir):
     return int(found.group(1)) if found else 0
 
 
-def test_same_seed_is_bit_identical_and_sigkill_resume_loses_nothing(mnist_dir, tmp_path):
+def test_same_seed_is_bit_identical_and_sigkill_resume_loses_nothing(mnist_dir, tmp_path, capsys):
     """dense_decay (dropout draws random masks), one command run twice: once straight through, once killed
     with SIGKILL in the middle of its second epoch and then resumed; 10 steps per compiled call (cut to
     5 before each checkpoint at a multiple of 25). Both end with bit-identical weights,
     optimizer slots, dropout generator states and test figures (determinism and exact resume at once)."""
     common = ["--model=dense_decay", "--epochs=2", "--steps_per_epoch=100", "--checkpoint_every=25",
               "--log_every=25", "--steps_per_loop=10", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}"]
-    result = train(*common, "--run_name=straight")
+    result = cli(*common, "--run_name=straight", capsys=capsys)
     assert result.returncode == 0, result.stderr
 
     # Saves: steps 25, 50, 75, end of epoch 1 (ckpt-4), then 125 (ckpt-5), 150, 175, end of epoch 2.
@@ -418,7 +453,7 @@ def test_same_seed_is_bit_identical_and_sigkill_resume_loses_nothing(mnist_dir, 
         victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    resumed = train(*common, "--run_name=killed")
+    resumed = cli(*common, "--run_name=killed", capsys=capsys)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and "epoch 1/2" not in resumed.stdout
 
