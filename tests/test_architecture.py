@@ -1,6 +1,6 @@
 """The house rules, read from the source: arrows point one way (train.py, predict.py, serve.py -> web/, app/,
-datasets/ and models/ -> core/) and Keras stays out of core/, models/, app/, datasets/ and web/ (it is only the
-oracle in tests and benchmarks)."""
+datasets/ and models/ -> core/), Keras stays out of core/, models/, app/, datasets/ and web/ (it is only the
+oracle in tests and benchmarks), and the names a flag may take are read without TensorFlow."""
 import ast
 from pathlib import Path
 
@@ -56,6 +56,34 @@ def test_datasets_import_only_core(path):
 def test_models_import_no_entry_point(path):
     above = {name for name in imported_modules(path) if name.split(".")[0] in ("train", "predict", "serve")}
     assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
+
+
+# What train.py reads before TensorFlow loads: the flags, the settings and every registry of names.
+WITHOUT_TENSORFLOW = ["train.py", "app/__init__.py", "app/settings.py", "app/console.py", "app/rundirs.py",
+                      "app/run.py", "core/cli.py", "core/config.py", "core/names.py", "core/interrupts.py",
+                      "core/native_logs.py", "core/rundir.py", "models/__init__.py"]
+
+
+def top_level_imports(path):
+    """The modules `path` imports when it is imported (not those imported inside its functions)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.update([node.module] if node.module != "core" and node.module != "app" else
+                         [f"{node.module}.{alias.name}" for alias in node.names])
+    return names
+
+
+@pytest.mark.parametrize("name", WITHOUT_TENSORFLOW)
+def test_the_flags_and_the_registries_import_no_tensorflow(name):
+    """Each of these imports only the others, the standard library and absl, so that a bad flag is answered
+    before TensorFlow's 10 s start."""
+    ours = {path[:-3].replace("/", ".").replace(".__init__", "") for path in WITHOUT_TENSORFLOW}
+    local = {"app", "core", "models", "datasets", "web", "lab", "tensorflow", "numpy", "keras"}
+    loaded = {module for module in top_level_imports(REPO / name) if module.split(".")[0] in local}
+    assert loaded <= ours, f"{name} imports {sorted(loaded - ours)}"
 
 
 def test_the_rule_reader_sees_keras_and_upward_imports(tmp_path):
