@@ -17,11 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 import datasets
-from core import backprop, data as batches, optimizers, schedules
+from core import data as batches, names
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
 from core.losses import softmax_cross_entropy
-from core.runner import tape_gradients
 from core.trainer import Trainer
 from datasets import idx
 from models import REGISTRY
@@ -66,7 +65,6 @@ def _first(dataset, count):
     if count < 1:
         raise ValueError(f"a subset needs at least one example, got {count}")
     return batches.split_validation(dataset, size - count)[0]
-
 
 
 def mnist(data_dir=None, dataset="mnist", validation="test", download=True):
@@ -115,19 +113,8 @@ def build(model="dense", config=None, data=None):
     return network
 
 
-def learning_rate_schedule(config, steps_per_epoch):
-    """lr(step) = lr_min + learning_rate * lr_decay ^ (step / k), k = steps_per_epoch (floored) or lr_decay_steps."""
-    if config.lr_decay is None:
-        return schedules.Constant(config.learning_rate)
-    if config.lr_decay_steps == "epoch":
-        return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, steps_per_epoch, staircase=True,
-                                          minimum=config.lr_min)
-    return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, config.lr_decay_steps,
-                                      minimum=config.lr_min)
-
-
-def make_optimizer(config, schedule):
-    return {"adam": optimizers.Adam, "sgd": optimizers.SGD}[config.optimizer](schedule)
+learning_rate_schedule = names.learning_rate_schedule
+make_optimizer = names.optimizer
 
 
 def steps_per_epoch(config, train):
@@ -162,7 +149,7 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
                       checkpoint_every=config.checkpoint_every if checkpoint_dir else None,
                       keep_checkpoints=config.keep_checkpoints, progress=progress,
                       steps_per_loop=config.steps_per_loop,
-                      compute_gradients=backprop.gradients if gradients == "by_hand" else tape_gradients,
+                      compute_gradients=names.gradient_function(gradients),
                       precision=config.precision, jit_compile=config.jit_compile, early_stopping=stopping)
     tf.config.experimental.enable_op_determinism()
     return trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), config.epochs,
