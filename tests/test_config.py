@@ -7,6 +7,7 @@ from absl import flags
 
 import train
 from app.console import describe_training
+from core import names
 from core.config import SettingError, TrainingConfig, hparams, math_settings
 from models import REGISTRY, ModelSpec
 
@@ -82,3 +83,19 @@ def test_every_field_is_a_flag_checked_when_parsed():
     train.define_flags(fresh)
     with pytest.raises(flags.IllegalFlagValueError, match=r"--learning_rate must be finite, got inf"):
         fresh(["train.py", "--learning_rate=inf"])
+
+
+def test_every_choice_is_read_from_a_registry_and_each_name_works():
+    """The flags' choices are the registries' names; every optimizer and gradient method named is made, so a new
+    entry is tested without a test naming it."""
+    choices = {field.name: field.metadata["choices"] for field in dataclasses.fields(train.RunConfig)}
+    assert choices["optimizer"] == tuple(names.OPTIMIZERS) == ("adam", "sgd")
+    assert (choices["gradients"], choices["precision"], choices["strategy"]) == (
+        tuple(names.GRADIENTS), names.PRECISIONS, names.STRATEGIES)
+    from core.optimizers import Optimizer
+    for name in names.OPTIMIZERS:
+        config = train.make_config({"model": "dense", "optimizer": name, "lr_decay": 0.5})
+        optimizer = names.optimizer(config, names.learning_rate_schedule(config, steps_per_epoch=10))
+        assert isinstance(optimizer, Optimizer) and float(optimizer.learning_rate(20)) == pytest.approx(0.001 * 0.5 ** 2)
+    for name in names.GRADIENTS:
+        assert callable(names.gradient_function(name))
