@@ -17,6 +17,9 @@ config.json, metrics.json and saved_model/. Running again with the same --run_na
 directory is locked while its run lives (a second run on it stops at once); Ctrl-C or SIGTERM saves a
 checkpoint at the current step, from which the same command resumes.
 
+This file is the entry point only: flags -> app.settings.make_config -> app.run.run(config), which the tests
+and lab/ call in-process (docs/design.md). Every flag is checked before TensorFlow loads.
+
 Exit codes: 0 done; 1 unusable data, non-finite loss, failed save or export; 2 bad flags or a run or export
 directory that cannot be used; 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM.
 """

@@ -46,7 +46,7 @@ def _plain_name(value):
 @dataclasses.dataclass(frozen=True)
 class RunConfig(TrainingConfig):
     """Everything a run needs: the training settings (core.config) and where the data and the run live.
-    Each field is a flag of the same name; train.py fills the fields a user leaves out from the model."""
+    Each field is a flag of the same name; make_config fills the fields a user leaves out from the model."""
     model: str = setting("conv", "Which network to train (see --list_models).", math=True)
     validation: str = setting("test", "Data evaluated after each epoch: the 10,000 test images (as the codelab "
                               f"does) or the last {HOLDOUT_EXAMPLES:,} training images, held out of training.",
