@@ -45,4 +45,5 @@ def test_runs_top_to_bottom(path, mnist_dir, monkeypatch):
                             resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
+    assert not [output.text for output in outputs if output.get("name") == "stderr"]   # no red box: notices hidden
     assert any("image/png" in output.get("data", {}) for output in outputs), "no picture was shown"
