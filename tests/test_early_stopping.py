@@ -75,12 +75,6 @@ def test_fit_stops_and_ends_with_the_best_epochs_weights(stopped_run):
     assert lab.evaluate(model, data.test)["loss"] == pytest.approx(losses[2], rel=1e-5)
 
 
-def train(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
 def _checkpoint_number(run_dir):
     index = run_dir / "checkpoints" / "checkpoint"
     found = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', index.read_text(), re.M) if index.exists() else None
@@ -88,16 +82,18 @@ def _checkpoint_number(run_dir):
 
 
 def test_train_py_killed_and_resumed_stops_at_the_same_epoch_with_the_same_weights(stopped_run, mnist_dir,
-                                                                                   tmp_path):
+                                                                                   tmp_path, capsys):
     """train.py saves every 5 steps: ckpt-6 is epoch 3's end (the best epoch, its weights copied), ckpt-7 step 35.
-    Killed after ckpt-7 and resumed, it must stop after epoch 4 and test epoch 3's weights, bit for bit as
-    the uninterrupted lab.fit above (one path: the same trainer, batches and early stopping)."""
+    Killed (SIGKILL, in a process of its own) after ckpt-7 and resumed (here, by train.run with the same
+    settings), it must stop after epoch 4 and test epoch 3's weights, bit for bit as the uninterrupted lab.fit
+    above (one path: the same trainer, batches and early stopping)."""
+    import train
     model, history, _, _ = stopped_run
-    common = ["--model=dense", *(f"--{k}={v}" for k, v in FAST.items()), "--checkpoint_every=5",
-              "--steps_per_loop=5", "--early_stopping=1", "--restore_best", "--noprogress",
-              f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=killed"]
+    settings = {**FAST, "checkpoint_every": 5, "steps_per_loop": 5, "early_stopping": 1, "restore_best": True}
+    flags = [f"--{key}={value}" for key, value in settings.items()]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    victim = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common], env=env,
+    victim = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--model=dense", *flags, "--noprogress",
+                               f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=killed"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -107,9 +103,10 @@ def test_train_py_killed_and_resumed_stops_at_the_same_epoch_with_the_same_weigh
     finally:
         victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = train(*common)
-    assert resumed.returncode == 0, resumed.stderr
-    out = resumed.stdout
+    lines = []
+    train.run(train.make_config({"model": "dense", **settings, "progress": False, "data_dir": mnist_dir,
+                                 "logdir": str(tmp_path), "run_name": "killed"}), out=lines.append)
+    out = "\n".join(lines) + capsys.readouterr().out
     assert "resuming" in out and "epoch 3/8" not in out and "epoch 5/8" not in out, out
     assert re.search(r"^stopped early after epoch 4: no better val_loss than epoch 3's [\d.]+ for 1 epoch$", out, re.M)
     assert re.search(r"^weights: epoch 3's \(best val_loss [\d.]+\), tested and exported$", out, re.M), out
