@@ -53,6 +53,28 @@ def mnist_dir():
 
 
 @pytest.fixture(scope="session")
+def small_mnist(mnist_dir, tmp_path_factory):
+    """The first 512 training and 128 test images of MNIST as four gzipped IDX files: the data of runs whose
+    assertions need no more (a process reads and evaluates them at once)."""
+    import gzip
+
+    import numpy as np
+
+    from datasets import idx
+
+    directory = tmp_path_factory.mktemp("small_mnist")
+    for split, count in (("train", 512), ("test", 128)):
+        for kind in ("images", "labels"):
+            name = idx.FILES[f"{split}_{kind}"] + ".gz"
+            raw = gzip.open(os.path.join(mnist_dir, name)).read()
+            dims = raw[3]
+            shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+            examples = np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+            idx.write_idx(directory / name, examples[:count])
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
 def conv_saved_model(mnist_dir, tmp_path_factory):
     """The codelab's `conv` network trained for 200 steps of 100 real MNIST images (about 97% on the test
     set) with the project's trainer, exported by app.export beside the config.json of its Adam(0.003): its

@@ -1,6 +1,7 @@
 """train.py as a careless or hostile user drives it: runs started at once never share a directory, a damaged run
 never restarts silently, SIGTERM and Ctrl-C end in one line with the run resumable, and nothing the user owns
-is overwritten. Real subprocesses on real MNIST, tiny runs."""
+is overwritten. Tiny runs on real MNIST; a subprocess where the process is what is checked (runs started at
+once, signals), train.py's command in this process otherwise."""
 import errno
 import glob
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
@@ -30,8 +32,18 @@ def finish(process):
     return process.returncode, out, err
 
 
-def train(*args):
-    return finish(start(*args))
+def command(*args, capsys):
+    """train.py's command with `args` in this process, its flags parsed afresh: (exit code, stdout, stderr)."""
+    import train as train_module
+    from core import cli
+    flag_values = flags.FlagValues()
+    train_module.define_flags(flag_values)
+    try:
+        code = train_module.command(cli.parse("train.py", ["train.py", *args], flag_values), flag_values)
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def one_error_line(err, pattern):
@@ -58,9 +70,9 @@ def checkpoint_step(prefix):
     return int(tf.train.load_checkpoint(prefix).get_tensor("optimizer/step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def test_runs_started_at_once_never_share_a_directory(mnist_dir, tmp_path):
+def test_runs_started_at_once_never_share_a_directory(small_mnist, tmp_path):
     """Three seeds with the default run name and two runs on one --run_name, all five started together."""
-    common = [*TINY, f"--data_dir={mnist_dir}", f"--logdir={tmp_path}"]
+    common = [*TINY, f"--data_dir={small_mnist}", f"--logdir={tmp_path}"]
     processes = [start(*common, f"--seed={seed}") for seed in (1, 2, 3)]
     processes += [start(*common, "--run_name=same", f"--seed={seed}") for seed in (4, 5)]
     results = [finish(p) for p in processes]
@@ -93,10 +105,10 @@ def test_runs_started_at_once_never_share_a_directory(mnist_dir, tmp_path):
     assert len(files) == len({os.path.dirname(f) for f in files}), files
 
 
-def test_sigterm_saves_at_the_current_step_and_the_run_resumes_there(mnist_dir, tmp_path):
-    command = ["--model=softmax", "--epochs=1", "--steps_per_epoch=3000", "--batch_size=10", "--checkpoint_every=100",
-               "--log_every=100", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=t"]
-    victim = start(*command)
+def test_sigterm_saves_at_the_current_step_and_the_run_resumes_there(mnist_dir, tmp_path, capsys):
+    args = ["--model=softmax", "--epochs=1", "--steps_per_epoch=3000", "--batch_size=10", "--checkpoint_every=100",
+            "--log_every=100", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=t"]
+    victim = start(*args)
     try:
         while victim.poll() is None and not (tmp_path / "t" / "checkpoints" / "ckpt-1.index").exists():
             time.sleep(0.01)
@@ -112,7 +124,7 @@ def test_sigterm_saves_at_the_current_step_and_the_run_resumes_there(mnist_dir, 
     assert tf.train.latest_checkpoint(str(tmp_path / "t" / "checkpoints")) == prefix  # is not the last periodic one)
     assert not (tmp_path / "t" / "metrics.json").exists()
 
-    code, out, err = train(*command)
+    code, out, err = command(*args, capsys=capsys)  # the same command
     assert code == 0, err
     assert "resuming" in out
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["steps"] == 3000
@@ -160,10 +172,14 @@ def test_the_interrupt_message_promises_a_checkpoint_only_when_there_is_one(tmp_
         f"stopped by SIGINT; the last checkpoint in {run_dir} is kept: resume with the same command and --run_name=r"
 
 
-def test_a_damaged_run_is_repaired_or_refused_never_restarted(mnist_dir, tmp_path):
-    command = ["--model=softmax", "--steps_per_epoch=20", "--log_every=10", "--noprogress",
-               f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=d"]
-    code, _, err = train(*command, "--epochs=1")
+def test_a_damaged_run_is_repaired_or_refused_never_restarted(small_mnist, tmp_path, capsys):
+    args = ["--model=softmax", "--steps_per_epoch=20", "--batch_size=25", "--log_every=10", "--noprogress",
+            f"--data_dir={small_mnist}", f"--logdir={tmp_path}", "--run_name=d"]
+
+    def train(*more):
+        return command(*args, *more, capsys=capsys)
+
+    code, _, err = train("--epochs=1")
     assert code == 0, err
     run = tmp_path / "d"
     with open(run / "checkpoints" / "checkpoint", "a") as f:
@@ -173,7 +189,7 @@ def test_a_damaged_run_is_repaired_or_refused_never_restarted(mnist_dir, tmp_pat
     killed_export.mkdir()
     (killed_export / ".tf_by_hand_export").write_text("marker")
 
-    code, out, err = train(*command, "--epochs=2")
+    code, out, err = train("--epochs=2")
     assert code == 0, err
     assert "resuming" in out and "epoch 1/2" not in out and "epoch 2/2" in out
     assert json.loads((run / "metrics.json").read_text())["steps"] == 40
@@ -181,11 +197,11 @@ def test_a_damaged_run_is_repaired_or_refused_never_restarted(mnist_dir, tmp_pat
     assert not (run / "checkpoints" / "ckpt-7_temp").exists() and not killed_export.exists()
 
     (run / "config.json").write_text('{"model": "softmax", "batch_size": 10')
-    code, out, err = train(*command, "--epochs=3")
+    code, out, err = train("--epochs=3")
     assert code == 2 and out == ""
     one_error_line(err, rf"{run}/config.json is damaged \(.+\); restore it, or choose another run name$")
     (run / "config.json").unlink()
-    code, out, err = train(*command, "--epochs=3")
+    code, out, err = train("--epochs=3")
     assert code == 2
     one_error_line(err, rf"{run} holds checkpoints but no usable config.json")
     assert json.loads((run / "metrics.json").read_text())["steps"] == 40  # untouched
@@ -193,10 +209,10 @@ def test_a_damaged_run_is_repaired_or_refused_never_restarted(mnist_dir, tmp_pat
 
 @pytest.mark.parametrize("case", ["logdir is a file", "foreign run directory", "run name too long",
                                   "foreign export directory"])
-def test_what_cannot_work_is_refused_before_training(mnist_dir, tmp_path, case):
+def test_what_cannot_work_is_refused_before_training(small_mnist, tmp_path, capsys, case):
     logdir = tmp_path / "runs"
     logdir.mkdir()
-    args = [*TINY, f"--data_dir={mnist_dir}", f"--logdir={logdir}", "--run_name=r"]
+    args = [*TINY, f"--data_dir={small_mnist}", f"--logdir={logdir}", "--run_name=r"]
     if case == "logdir is a file":
         logdir.rmdir()
         logdir.write_text("not a directory")
@@ -215,7 +231,7 @@ def test_what_cannot_work_is_refused_before_training(mnist_dir, tmp_path, case):
         args.append(f"--export_dir={tmp_path / 'mine'}")
         pattern = rf"--export_dir: cannot export to {tmp_path}/mine: the directory holds files this program did not"
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    code, out, err = train(*args)
+    code, out, err = command(*args, capsys=capsys)
     assert code == 2, err
     one_error_line(err, pattern)
     assert "epoch" not in out
@@ -223,13 +239,14 @@ def test_what_cannot_work_is_refused_before_training(mnist_dir, tmp_path, case):
     assert after == before  # a run directory claimed before the export directory was refused is removed
 
 
-def test_a_full_disk_while_training_is_one_line_and_keeps_the_previous_checkpoint(mnist_dir, tmp_path, monkeypatch):
+def test_a_full_disk_while_training_is_one_line_and_keeps_the_previous_checkpoint(small_mnist, tmp_path,
+                                                                                   monkeypatch):
     import train as train_module
     from models import REGISTRY
 
     config = train_module.make_config({"model": "softmax", "epochs": 2, "steps_per_epoch": 10, "log_every": 10,
-                                       "progress": False, "data_dir": mnist_dir, "logdir": str(tmp_path),
-                                       "run_name": "full"}, REGISTRY)
+                                       "batch_size": 50, "progress": False, "data_dir": small_mnist,
+                                       "logdir": str(tmp_path), "run_name": "full"}, REGISTRY)
     real_write = tf.train.Checkpoint._write
     calls = []
 
@@ -252,15 +269,15 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_previous_checkpoin
     assert metrics["resumed"] and metrics["steps"] == 20
 
 
-def test_a_failed_export_is_one_line_and_the_same_command_exports_without_training_again(mnist_dir, tmp_path,
+def test_a_failed_export_is_one_line_and_the_same_command_exports_without_training_again(small_mnist, tmp_path,
                                                                                         monkeypatch):
     import train as train_module
     from app import export
     from models import REGISTRY
 
     config = train_module.make_config({"model": "softmax", "epochs": 1, "steps_per_epoch": 10, "log_every": 10,
-                                       "progress": False, "data_dir": mnist_dir, "logdir": str(tmp_path),
-                                       "run_name": "r"}, REGISTRY)
+                                       "batch_size": 50, "progress": False, "data_dir": small_mnist,
+                                       "logdir": str(tmp_path), "run_name": "r"}, REGISTRY)
 
     def failing_export(model, export_dir):
         raise ValueError("as_list() is not defined on an unknown TensorShape.\n  (the trace's details)")

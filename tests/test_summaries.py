@@ -1,12 +1,9 @@
 """TensorBoard logs and pictures (app/summaries.py, app/pictures.py): a tiny real Trainer on a few hundred
 MNIST digits drives the callback for 2 short epochs; the event files are read back tag by tag. Then the
-pictures on their own, a crash that leaves flushed logs, and train.py end to end."""
+pictures on their own, a crash that leaves flushed logs, and train.py's run(config) end to end, in this process."""
 import glob
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +22,6 @@ from app.summaries import LastGradients, TensorBoard, histogram_buckets, write_h
 from core import backprop
 from core.trainer import Callback, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH, STEPS_PER_EPOCH, EPOCHS, LOG_EVERY, SAMPLES = 32, 8, 2, 3, 200
 HPARAMS = {"model": "tiny", "batch_size": BATCH, "learning_rate": 0.01, "dropout": 0.2, "decay_steps": None}
 
@@ -435,29 +431,28 @@ def test_bad_sample_arguments():
 
 # ----------------------------------------------------------------------------------------------- train.py
 
-def train_softmax(mnist_dir, logdir, run_name, steps, *flags):
-    """train.py --model=softmax for one epoch of `steps` steps into logdir/run_name; the finished process."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "--model=softmax", "--epochs=1",
-                           f"--steps_per_epoch={steps}", f"--data_dir={mnist_dir}", f"--logdir={logdir}",
-                           f"--run_name={run_name}", "--noprogress", *flags],
-                          capture_output=True, text=True, env=env, timeout=300)
+def train_softmax(mnist_dir, logdir, run_name, steps, **settings):
+    """train.py's run(config) of --model=softmax for one epoch of `steps` steps into logdir/run_name, in this
+    process, on 512 training images (batch 16); returns its metrics (a failed run raises)."""
+    import train
+    config = train.make_config({"model": "softmax", "epochs": 1, "steps_per_epoch": steps, "batch_size": 16,
+                                "data_dir": mnist_dir,
+                                "logdir": str(logdir), "run_name": run_name, "progress": False, **settings})
+    return train.run(config, out=lambda line: None)
 
 
-def test_mixed_precision_writes_no_gradients_to_tensorboard(mnist_dir, tmp_path):
+def test_mixed_precision_writes_no_gradients_to_tensorboard(small_mnist, tmp_path):
     """Its step computes its own gradients, which are not recorded: no gradient tags rather than zeros."""
-    result = train_softmax(mnist_dir, tmp_path, "mixed", 10, "--precision=mixed_bfloat16")
-    assert result.returncode == 0, result.stderr
+    train_softmax(small_mnist, tmp_path, "mixed", 10, precision="mixed_bfloat16")
     values, plugins, _ = read_events(tmp_path / "mixed")
     assert "logits/w" in plugins and "activations/logits" in plugins
     assert not [tag for tag in plugins if tag.startswith(("gradient_norm/", "gradients/"))]
 
 
-def test_train_py_writes_the_tensorboard_layout(mnist_dir, tmp_path):
+def test_train_py_writes_the_tensorboard_layout(small_mnist, tmp_path):
     """--steps_per_epoch=30 with the default --log_every=100: no log point, so the epoch end carries the
     training figures; everything else is there. Trained with --gradients=by_hand."""
-    result = train_softmax(mnist_dir, tmp_path, "quick", 30, "--gradients=by_hand")
-    assert result.returncode == 0, result.stderr
+    train_softmax(small_mnist, tmp_path, "quick", 30, gradients="by_hand")
     run_dir = tmp_path / "quick"
     train_values, _, _ = read_events(run_dir / "train")
     assert set(train_values) == {"epoch_loss", "epoch_accuracy", "learning_rate"}
