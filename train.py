@@ -27,8 +27,8 @@ import os
 
 from absl import app, flags, logging
 
-from app.console import list_models, print_summary
-from app.run import Interrupted, RunError, find_learning_rate, run
+from app.console import list_models, plural, print_summary
+from app.run import Interrupted, RunError, load_data, run
 from app.settings import FlagError, RunConfig, make_config, notes
 from core import cli, interrupts
 from core.native_logs import load_tensorflow
@@ -66,6 +66,20 @@ def fail(message, code, error=True):
 def flag_values_given(flag_values=FLAGS):
     """{flag name: value} of train.py's flags, None for a model-default flag that was not given."""
     return cli.given(RunConfig, flag_values, extra=ACTIONS)
+
+
+def find_learning_rate(config, path="lr_find.png", out=print):
+    """--find_lr: the range test (lab/lr_finder.py) on the training images; writes `path`, prints the suggestion."""
+    from lab import find_lr
+    train, _, _, data_shape = load_data(config)
+    from lab.api import Data
+    result = find_lr(config.model, Data(train, train, train, *data_shape, config.data_dir or ""), config)
+    result.plot(path)
+    ended = "the loss diverged" if result.diverged else "the last rate was reached"
+    out(f"learning-rate range test of {config.model}: {plural(len(result.losses), 'step')} from "
+        f"{result.learning_rates[0]:.2g} to {result.learning_rates[-1]:.2g} ({ended})")
+    out(f"suggested --learning_rate={result.suggestion:.2g}   (loss against learning rate: {path})")
+    return result
 
 
 def main(argv):

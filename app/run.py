@@ -20,7 +20,7 @@ from core import interrupts, names, rundir
 from core.native_logs import load_tensorflow
 from models import REGISTRY
 
-__all__ = ["RunError", "Interrupted", "run", "load_data", "find_learning_rate", "export_model", "codelab_run"]
+__all__ = ["RunError", "Interrupted", "run", "load_data", "export_model", "codelab_run"]
 
 
 class RunError(RuntimeError):
@@ -53,20 +53,6 @@ def load_data(config):
     else:
         validation = test
     return train, validation, test, shape
-
-
-def find_learning_rate(config, path="lr_find.png", out=print):
-    """--find_lr: the range test (lab/lr_finder.py) on the training images; writes `path`, prints the suggestion."""
-    from lab import find_lr
-    train, _, _, data_shape = load_data(config)
-    from lab.api import Data
-    result = find_lr(config.model, Data(train, train, train, *data_shape, config.data_dir or ""), config)
-    result.plot(path)
-    ended = "the loss diverged" if result.diverged else "the last rate was reached"
-    out(f"learning-rate range test of {config.model}: {plural(len(result.losses), 'step')} from "
-        f"{result.learning_rates[0]:.2g} to {result.learning_rates[-1]:.2g} ({ended})")
-    out(f"suggested --learning_rate={result.suggestion:.2g}   (loss against learning rate: {path})")
-    return result
 
 
 def run(config, out=print):
