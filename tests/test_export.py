@@ -43,8 +43,8 @@ probabilities, classes = run(serve, x)
 variants = [run(serve, x[..., None]), run(serve_uint8, images), run(serve_uint8, images[..., None])]
 specs = {}
 for name, fn in loaded.signatures.items():
-    (image,) = fn.structured_input_signature[1].values()
-    specs[name] = {"input": [image.name, image.dtype.name, image.shape.rank],
+    specs[name] = {"inputs": [[spec.name, spec.dtype.name, spec.shape.rank]
+                              for spec in fn.structured_input_signature[1].values()],
                    "outputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_outputs.items()}}
 print(json.dumps({
     "correct": int((classes == labels).sum()),
@@ -90,9 +90,9 @@ def test_fresh_process_scores_exactly_what_the_trainer_reported(trained, exporte
     assert served["shapes"] == [[10000, 10], [10000]]
     assert served["probabilities_sum_to_1"] < 1e-5
     outputs = {"probabilities": ["float32", [None, 10]], "classes": ["int64", [None]]}
-    assert served["specs"]["serving_default"] == {"input": ["image", "float32", None], "outputs": outputs}
-    assert served["specs"]["serving_uint8"] == {"input": ["image", "uint8", None], "outputs": outputs}
-    assert sorted(served["specs"]) == ["activations", "serving_default", "serving_uint8"]
+    assert served["specs"]["serving_default"] == {"inputs": [["image", "float32", None]], "outputs": outputs}
+    assert served["specs"]["serving_uint8"] == {"inputs": [["image", "uint8", None]], "outputs": outputs}
+    assert sorted(served["specs"]) == ["activations", "backprop", "serving_default", "serving_uint8"]
 
     images, _ = mnist_test_set(mnist_dir)
     in_process = np.argmax(model(images[:1000, ..., None].astype(np.float32) / 255.0, training=False), axis=1)

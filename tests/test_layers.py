@@ -475,6 +475,7 @@ def test_float64_end_to_end_gradients_match_finite_differences():
     assert logits.dtype == tf.float64
     assert {v.dtype for v in model.variables} == {tf.float64}
 
+    @tf.function  # traced once: the finite differences call it twice per input and per weight
     def loss_of_input(images):
         return losses.softmax_cross_entropy(model(images, training=True), labels)
 
