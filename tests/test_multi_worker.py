@@ -69,17 +69,6 @@ def read_idx(path):
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-@pytest.fixture(scope="module")
-def small_mnist(mnist_dir, tmp_path_factory):
-    """The first 512 training and 128 test images of MNIST, as IDX files (a worker loads and evaluates them fast)."""
-    directory = tmp_path_factory.mktemp("mnist")
-    for split, count in (("train", 512), ("test", 128)):
-        for kind in ("images", "labels"):
-            name = idx.FILES[f"{split}_{kind}"] + ".gz"
-            idx.write_idx(directory / name, read_idx(os.path.join(mnist_dir, name))[:count])
-    return str(directory)
-
-
 def job(mnist_dir, logdir, run_name):
     return FLAGS + [f"--data_dir={mnist_dir}", f"--logdir={logdir}", f"--run_name={run_name}"]
 
@@ -106,23 +95,39 @@ def model_weights(run_dir):
     return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if key.startswith("model/")}
 
 
+def in_this_process(args):
+    """train.py's run with the settings of the flags `args`, in this process (no strategy): (exit code 0, its
+    console lines); a failed run raises."""
+    import train
+    from absl import flags
+    from core import cli
+    flag_values = flags.FlagValues()
+    train.define_flags(flag_values)
+    cli.parse("train.py", ["train.py", *args], flag_values)
+    lines = []
+    train.run(train.make_config(train.flag_values_given(flag_values)), out=lines.append)
+    return 0, lines
+
+
 @pytest.fixture(scope="module")
 def jobs(small_mnist, tmp_path_factory):
-    """All at once: the dense job on 2 workers, the same settings in one process (no strategy), and EXPORTER on
-    2 workers through `python -m cluster.launch`. Returns (logdir, {name: (exit codes, output lines)}) with the
-    names "two", "one" and "exports" (whose files are in logdir / "exports")."""
+    """All at once: the dense job on 2 workers and EXPORTER on 2 workers through `python -m cluster.launch`, and
+    meanwhile the same settings as the dense job in this process (no strategy). Returns (logdir, {name: (exit
+    codes, output lines)}) with the names "two", "one" and "exports" (whose files are in logdir / "exports")."""
     logdir = tmp_path_factory.mktemp("multi_worker")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     workers = start(job(small_mnist, logdir, "two"))
-    single = subprocess.Popen([sys.executable, TRAIN, *job(small_mnist, logdir, "one")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env)
     exporter = logdir / "exporter.py"
     exporter.write_text(EXPORTER.format(repo=str(REPO), timeout=TIMEOUT, directory=str(logdir / "exports")))
     launch = subprocess.Popen([sys.executable, "-m", "cluster.launch", "--workers=2", "--grace_seconds=30",
                                f"--program={exporter}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env)
-    codes, lines = finish(workers + [single, launch])
-    return logdir, {"two": (codes[:2], lines[:2]), "one": (codes[2:3], lines[2:3]), "exports": (codes[3:], lines[3:])}
+    try:
+        single_code, single_lines = in_this_process(job(small_mnist, logdir, "one"))
+    finally:
+        codes, lines = finish(workers + [launch])
+    return logdir, {"two": (codes[:2], lines[:2]), "one": ([single_code], [single_lines]),
+                    "exports": (codes[2:], lines[2:])}
 
 
 @pytest.fixture(scope="module")
