@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl import flags
 
 from keras_twins import KERAS_TWINS, keras_counts
+from models import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
@@ -150,10 +151,9 @@ def test_summary_counts_equal_keras(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.iterdir()), "--summary must not write anything"
 
 
-@pytest.mark.parametrize("name", list(KERAS_TWINS))
+@pytest.mark.parametrize("name", list(REGISTRY))  # a model without a Keras twin fails here
 def test_summary_of_every_model_equals_keras(name, capsys):
     import train as train_module
-    from models import REGISTRY
     train_module.print_summary(train_module.make_config({"model": name}, REGISTRY), REGISTRY)
     out = capsys.readouterr().out
     total = int(re.search(r"^Total params: ([\d,]+)$", out, re.M).group(1).replace(",", ""))
@@ -162,10 +162,9 @@ def test_summary_of_every_model_equals_keras(name, capsys):
     assert (total, non_trainable) == (expected[0], expected[2])
 
 
-@pytest.mark.parametrize("name", list(KERAS_TWINS))
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_summary_by_hand_prints_every_layers_backward_formula(name, capsys):
     import train as train_module
-    from models import REGISTRY
     config = train_module.make_config({"model": name, "gradients": "by_hand"}, REGISTRY)
     train_module.print_summary(config, REGISTRY)
     out = capsys.readouterr().out
@@ -179,7 +178,7 @@ def test_list_models(capsys):
     result = cli("--list_models", capsys=capsys)
     assert result.returncode == 0, result.stderr
     names = re.findall(r"^(\w+)$", result.stdout, re.M)
-    assert names == list(KERAS_TWINS)
+    assert names == list(REGISTRY)
     assert "lr = 0.0001 + 0.02 * 0.3679^(step/1600), batch 100" in result.stdout
     assert result.stdout.count("target:") == len(names)
 
@@ -258,7 +257,6 @@ def test_unusable_data_gives_one_line_and_exit_code_1(tmp_path, capsys):
 def config_of(**values):
     """A tiny softmax run's RunConfig: 1 epoch of 5 steps, logged once, no progress bar; `values` override."""
     import train as train_module
-    from models import REGISTRY
     return train_module.make_config({"model": "softmax", "epochs": 1, "steps_per_epoch": 5, "log_every": 5,
                                      "progress": False, **values}, REGISTRY)
 
@@ -330,7 +328,6 @@ def test_the_target_is_given_plainly_for_a_run_as_long_as_the_codelabs():
     from app.console import report
     from app.run import codelab_run
     from app.settings import make_config
-    from models import REGISTRY
     full = codelab_run(config_of(epochs=100, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600)
     assert full == {"epochs": 100, "reached": True}
     assert codelab_run(config_of(epochs=99, steps_per_epoch=None), REGISTRY["softmax"], 60_000, 600) \
@@ -393,7 +390,6 @@ def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path, 
     # The resume rules are checked before any data is read: test them in-process.
     from app.rundirs import check_resume, claim_run_dir
     from app.settings import FlagError, make_config
-    from models import REGISTRY
     values = {"model": "softmax", "steps_per_epoch": 20, "logdir": str(tmp_path), "run_name": "r", "epochs": 3}
     run_dir = str(tmp_path / "r")
     with pytest.raises(FlagError, match=r"was started with --batch_size=100, not 50"):
