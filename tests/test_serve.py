@@ -313,7 +313,7 @@ def test_models_the_page_cannot_use_are_refused_in_one_line(conv_saved_model, tm
         ([f"--model_dir={other}"], 1, "takes inputs of shape [28, 28, 2]; the page shows grey [H, W, 1] or "
                                       "colour [H, W, 3] images"),
         ([f"--model_dir={conv_saved_model}", "--host="], 2, "--host=: no address; give 127.0.0.1"),
-        ([f"--model_dir={conv_saved_model}", "--host=  "], 2, "--host=  : no address; give 127.0.0.1"),
+        ([f"--model_dir={conv_saved_model}", "--host=  "], 2, "--host= : no address; give 127.0.0.1"),
         ([], 2, "--model_dir"),
         ([f"--model_dir={conv_saved_model}", "--port=70000"], 2, "port"),
         ([f"--model_dir={conv_saved_model}", "extra.png"], 2, "unexpected arguments"),
