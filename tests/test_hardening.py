@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from absl import flags
+
+from train_in_process import train_command
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
@@ -33,17 +34,9 @@ def finish(process):
 
 
 def command(*args, capsys):
-    """train.py's command with `args` in this process, its flags parsed afresh: (exit code, stdout, stderr)."""
-    import train as train_module
-    from core import cli
-    flag_values = flags.FlagValues()
-    train_module.define_flags(flag_values)
-    try:
-        code = train_module.command(cli.parse("train.py", ["train.py", *args], flag_values), flag_values)
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    """train.py's command with `args` in this process: (exit code, stdout, stderr)."""
+    result = train_command(*args, capsys=capsys)
+    return result.returncode, result.stdout, result.stderr
 
 
 def one_error_line(err, pattern):

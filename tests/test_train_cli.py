@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from absl import flags
 
 from keras_twins import KERAS_TWINS, keras_counts
+from train_in_process import train_command
 from models import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,19 +29,7 @@ def train(*args, cwd=None):
                           timeout=300)
 
 
-def cli(*args, capsys=None):
-    """train.py's command with `args`, in this process: its flags parsed afresh, its exit code and its console ->
-    a CompletedProcess-like (returncode, stdout, stderr); `capsys`: pytest's fixture, which reads the console."""
-    import train as train_module
-    from core import cli as core_cli
-    flag_values = flags.FlagValues()
-    train_module.define_flags(flag_values)
-    try:
-        code = train_module.command(core_cli.parse("train.py", ["train.py", *args], flag_values), flag_values)
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr() if capsys else ("", "")
-    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+cli = train_command
 
 
 def assert_one_error_line(result, code, pattern):
