@@ -497,7 +497,7 @@ def _picture(value, shape):
     try:
         if channels == 3:
             return _colour(io.BytesIO(raw), (width, height))
-        x = digits.to_mnist(digits.read_grey(io.BytesIO(raw), "png", max_pixels=MAX_PICTURE_PIXELS), "png")
+        x = digits.prepare(io.BytesIO(raw), "png", max_pixels=MAX_PICTURE_PIXELS)
     except digits.NotAPicture:
         raise BadRequest(HTTPStatus.BAD_REQUEST, '"png" is not a picture (send PNG or JPEG bytes)') from None
     except digits.PictureTooLarge as e:
