@@ -11,6 +11,11 @@ Each layer also carries its backward pass, derived by hand (docs/backprop.md):
     dx, grads = layer.backward(dy, cache)                 dy = dL/dy -> dx = dL/dx, grads = {"w": dL/dw, ...}
 The cache is returned, never stored on the layer, so a traced step stays a pure function of its inputs and
 variables; `core.backprop` chains these through a Sequential.
+
+Two bases hold what layers share: `Affine`, y = activation(linear(x, w) + b) with its kernel, bias, activation
+and their backward pass (Dense, Conv2D), and `Windowed`, the window, stride and padding
+geometry (Conv2D, MaxPool2D). Each class gives its math first (`_forward`, `backward`) and its
+display after (`output_shape`, `formula`, `backward_formula`).
 """
 import math
 
@@ -18,20 +23,11 @@ import tensorflow as tf
 
 from core import activations, distribute
 from core.initializers import GlorotUniform, Zeros
-from core.module import (Layer, activated, batch_shape, check_window_fits, initializer, padding_mode, pair,
-                         shape_str, spatial_output)
-
-
-def _activation_backward(fn, y_shape):
-    """(name of dL/dz, [its formula]) for y = fn(z): ("dy", []) for the identity, else
-    ("dz", ["dz[N,...] = dy * [y > 0]"]) and so on."""
-    if not activations.name_of(fn):
-        return "dy", []
-    return "dz", [f"dz{shape_str(y_shape)} = {activations.backward_formula(fn)}"]
+from core.module import Layer, activated, batch_shape, initializer, padding_mode, pair, shape_str
 
 
 def _bias_activation(layer, z):
-    """activation(z + b) of a Dense or Conv2D layer. fused: tf.nn.bias_add and the activation's kernel
+    """activation(z + b) of an Affine layer. fused: tf.nn.bias_add and the activation's kernel
     (activations.kernel: tf.nn.relu), which TensorFlow's graph optimizer merges with the matmul or convolution
     before them into one kernel; else the formula's `+` and activation. The same numbers (tests/test_fast_paths.py)."""
     if layer.fused:
@@ -43,7 +39,135 @@ def _bias_activation(layer, z):
     return layer.activation(z)
 
 
-class Dense(Layer):
+def _activation_backward(fn, y_shape):
+    """(name of dL/dz, [its formula]) for y = fn(z): ("dy", []) for the identity, else
+    ("dz", ["dz[N,...] = dy * [y > 0]"]) and so on."""
+    if not activations.name_of(fn):
+        return "dy", []
+    return "dz", [f"dz{shape_str(y_shape)} = {activations.backward_formula(fn)}"]
+
+
+class Affine(Layer):
+    """y = activation(z + b), z = linear(x, w): a layer with a kernel w and a bias b, linear in x and in w.
+
+    w = w_init(kernel shape, dtype) (default Glorot uniform); b = b_init([C'], dtype) (default zeros), one value per
+    channel of y (its last dimension C'). A subclass writes the linear map and its two gradients, the math:
+        `_kernel_shape(input_shape)`, `_linear(x)` = z without the bias,
+        `_kernel_gradient(x, dz)` = dL/dw and `_input_gradient(x, dz)` = dL/dx for dz = dL/dz,
+    then their formulas (`_linear_formula`, `_kernel_gradient_formula`, `_input_gradient_formula`); the bias,
+    the activation, the variables and the backward pass through them are written here once.
+    """
+
+    def __init__(self, activation=None, use_bias=True, w_init=GlorotUniform(), b_init=Zeros(), fused=True,
+                 name=None):
+        super().__init__(name=name)
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.fused = bool(fused)
+        self.w_init = initializer(w_init, "w_init", self)
+        self.b_init = initializer(b_init, "b_init", self)
+
+    def _create_variables(self, input_shape):
+        if input_shape[-1] is None:
+            raise ValueError(f"{self}: the input's last dimension (features or channels) must be known, "
+                             f"got {shape_str(input_shape)}")
+        super()._create_variables(input_shape)
+        self.w = tf.Variable(self.w_init(self._kernel_shape(input_shape), self.dtype), name="w")
+        if self.use_bias:
+            self.b = tf.Variable(self.b_init([self.output_shape(input_shape)[-1]], self.dtype), name="b")
+
+    def _forward(self, x, training):
+        return _bias_activation(self, self._linear(x))
+
+    def backward(self, dy, cache):
+        """With dz = dL/dz for z = linear(x, w) + b (dz = dy * activation'(z), written with y: activations.backward):
+        dw = `_kernel_gradient(x, dz)`;  db[C'] = sum of dz over every axis but the last;
+        dx = `_input_gradient(x, dz)`."""
+        x, y = cache
+        dz = activations.backward(self.activation, dy, y)
+        grads = {"w": self._kernel_gradient(x, dz)}
+        if self.use_bias:
+            grads["b"] = tf.reduce_sum(dz, axis=list(range(len(dz.shape) - 1)))
+        return self._input_gradient(x, dz), grads
+
+    def formula(self, input_shape=None):
+        input_shape = self._shape_or_built(input_shape)
+        z = self._linear_formula(input_shape)
+        if self.use_bias:
+            z += f" + b[{self.output_shape(input_shape)[-1]}]"
+        return activated(self.activation, z)
+
+    def backward_formula(self, input_shape=None):
+        input_shape = self._shape_or_built(input_shape)
+        y_shape = self.output_shape(input_shape)
+        dz, parts = _activation_backward(self.activation, y_shape)
+        parts.append(self._kernel_gradient_formula(input_shape, dz))
+        if self.use_bias:
+            axes = "N" if len(y_shape) == 2 else "N,H',W'"
+            parts.append(f"db[{y_shape[-1]}] = sum_{axes} {dz}")
+        parts.append(self._input_gradient_formula(input_shape, dz))
+        return "; ".join(parts)
+
+
+class Windowed(Layer):
+    """A kh x kw window slid over x [N, H, W, C] with strides (sh, sw): the geometry of Conv2D and MaxPool2D.
+    Output row i reads rows i*sh .. i*sh + kh - 1 of the padded input x_pad; along H (W likewise):
+        padding "valid": no padding, H' = ceil((H - kh + 1) / sh) (the window must fit: H >= kh);
+        padding "same":  H' = ceil(H / sh); the total padding P = max((H' - 1) * sh + kh - H, 0) is split
+                         top = P // 2, bottom = P - top, so an odd P puts the extra row at the bottom (and
+                         column at the right), exactly as TensorFlow and Keras do.
+    A subclass passes the window to `__init__` and says how many channels its output has (`_channels_out`).
+    """
+
+    input_rank = 4
+
+    def __init__(self, window, strides, padding, window_name="kernel_size", **kwargs):
+        super().__init__(**kwargs)
+        self.window = pair(window, window_name, self)
+        self.strides = self.window if strides is None else pair(strides, "strides", self)
+        self.padding = padding_mode(padding, self)
+
+    def _create_variables(self, input_shape):
+        if self.padding == "valid":
+            for size, k in zip(input_shape[1:3], self.window):
+                if size is not None and size < k:
+                    raise ValueError(f"{self}: input {shape_str(input_shape)} is smaller than the "
+                                     f"{self.window[0]}x{self.window[1]} window with 'valid' padding")
+        super()._create_variables(input_shape)
+
+    def _tf_strides(self):
+        """(1, sh, sw, 1) and "SAME" / "VALID", as TensorFlow's window ops take them."""
+        return (1,) + self.strides + (1,), self.padding.upper()
+
+    def padding_amounts(self, input_shape):
+        """((top, bottom), (left, right)) of padding for x [N, H, W, C] (class docstring); None where unknown."""
+        return tuple(self._along(size, k, s)[1] for size, k, s in zip(input_shape[1:3], self.window, self.strides))
+
+    def _along(self, size, k, s):
+        """(output size, (padding before, padding after)) along an axis of `size` (None: unknown)."""
+        if size is None:
+            return None, None
+        if self.padding == "valid":
+            return -(-(size - k + 1) // s), (0, 0)
+        out = -(-size // s)
+        total = max((out - 1) * s + k - size, 0)
+        return out, (total // 2, total - total // 2)
+
+    def output_shape(self, input_shape=None):
+        input_shape = self._shape_or_built(input_shape)
+        size = tuple(self._along(n, k, s)[0] for n, k, s in zip(input_shape[1:3], self.window, self.strides))
+        return (None,) + size + (self._channels_out(input_shape[-1]),)
+
+    def _channels_out(self, channels):
+        return channels
+
+    def _window_text(self):
+        """"stride 2, same" ("stride 1x2, valid" for unequal strides)."""
+        sh, sw = self.strides
+        return f"stride {sh if sh == sw else f'{sh}x{sw}'}, {self.padding}"
+
+
+class Dense(Affine):
     """Fully connected layer: y = activation(x @ w + b).
 
     x [N, in], w [in, units], b [units] -> y [N, units].
@@ -55,156 +179,92 @@ class Dense(Layer):
 
     def __init__(self, units, activation=None, use_bias=True, w_init=GlorotUniform(), b_init=Zeros(), fused=True,
                  name=None):
-        super().__init__(name=name)
+        super().__init__(activation, use_bias, w_init, b_init, fused, name=name)
         if not isinstance(units, int) or units <= 0:
             raise ValueError(f"{self}: units must be a positive int, got {units!r}")
         self.units = units
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
-        self.fused = bool(fused)
-        self.w_init = initializer(w_init, "w_init", self)
-        self.b_init = initializer(b_init, "b_init", self)
 
-    def _create_variables(self, input_shape):
-        n_in = input_shape[-1]
-        if n_in is None:
-            raise ValueError(f"{self}: the input size must be known to build, got {shape_str(input_shape)}")
-        self.w = tf.Variable(self.w_init([n_in, self.units], self.dtype), name="w")
-        if self.use_bias:
-            self.b = tf.Variable(self.b_init([self.units], self.dtype), name="b")
+    def _kernel_shape(self, input_shape):
+        return (input_shape[-1], self.units)
 
-    def _forward(self, x, training):
-        return _bias_activation(self, tf.matmul(x, self.w))
+    def _linear(self, x):
+        return tf.matmul(x, self.w)
+
+    def _kernel_gradient(self, x, dz):
+        """dw[in, units] = xᵀ[in, N] @ dz[N, units]: one outer product per example, summed over the batch."""
+        return tf.matmul(x, dz, transpose_a=True)
+
+    def _input_gradient(self, x, dz):
+        """dx[N, in] = dz[N, units] @ wᵀ[units, in]."""
+        return tf.matmul(dz, self.w, transpose_b=True)
 
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return input_shape[:-1] + (self.units,)
 
-    def formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        n_in = input_shape[-1]
-        z = f"x{shape_str(input_shape)} @ w[{n_in},{self.units}]"
-        if self.use_bias:
-            z += f" + b[{self.units}]"
-        return activated(self.activation, z)
+    def _linear_formula(self, input_shape):
+        return f"x{shape_str(input_shape)} @ w[{input_shape[-1]},{self.units}]"
 
-    def backward(self, dy, cache):
-        """With dz = dL/dz for z = x @ w + b (dz = dy * activation'(z), written with y: activations.backward):
-        dw[in, units] = xᵀ[in, N] @ dz[N, units];  db[units] = sum_n dz[n, :];
-        dx[N, in] = dz[N, units] @ wᵀ[units, in].
-        """
-        x, y = cache
-        dz = activations.backward(self.activation, dy, y)
-        grads = {"w": tf.matmul(x, dz, transpose_a=True)}
-        if self.use_bias:
-            grads["b"] = tf.reduce_sum(dz, axis=0)
-        return tf.matmul(dz, self.w, transpose_b=True), grads
+    def _kernel_gradient_formula(self, input_shape, dz):
+        return f"dw[{input_shape[-1]},{self.units}] = xᵀ[{input_shape[-1]},N] @ {dz}[N,{self.units}]"
 
-    def backward_formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        n_in = input_shape[-1]
-        dz, parts = _activation_backward(self.activation, self.output_shape(input_shape))
-        parts.append(f"dw[{n_in},{self.units}] = xᵀ[{n_in},N] @ {dz}[N,{self.units}]")
-        if self.use_bias:
-            parts.append(f"db[{self.units}] = sum_N {dz}")
-        parts.append(f"dx{shape_str(input_shape)} = {dz} @ wᵀ[{self.units},{n_in}]")
-        return "; ".join(parts)
+    def _input_gradient_formula(self, input_shape, dz):
+        return f"dx{shape_str(input_shape)} = {dz} @ wᵀ[{self.units},{input_shape[-1]}]"
 
 
-class Conv2D(Layer):
+class Conv2D(Windowed, Affine):
     """2-D convolution: y = activation(conv2d(x, w, stride, padding) + b).
 
     x [N, H, W, in], w [kh, kw, in, filters] (HWIO), b [filters] -> y [N, H', W', filters] with
-    y[n, i, j, f] = sum_{di, dj, c} x_pad[n, i*sh + di, j*sw + dj, c] * w[di, dj, c, f] + b[f].
-    padding "valid": no padding, H' = ceil((H - kh + 1) / sh).
-    padding "same": H' = ceil(H / sh); the total padding P = max((H' - 1) * sh + kh - H, 0) is split
-    top = P // 2, bottom = P - top, so an odd P puts the extra row at the bottom (and column at the right),
-    exactly as TensorFlow and Keras do.
+    y[n, i, j, f] = sum_{di, dj, c} x_pad[n, i*sh + di, j*sw + dj, c] * w[di, dj, c, f] + b[f]
+    (H', W' and the padding of x_pad: `Windowed`).
     w = w_init([kh, kw, in, filters], dtype) (default Glorot uniform, fan_in = kh*kw*in, fan_out = kh*kw*filters);
     b = b_init([filters], dtype) (default zeros).
     """
 
-    input_rank = 4
-
     def __init__(self, filters, kernel_size, strides=1, padding="same", activation=None, use_bias=True,
                  w_init=GlorotUniform(), b_init=Zeros(), fused=True, name=None):
-        super().__init__(name=name)
+        super().__init__(kernel_size, strides, padding, activation=activation, use_bias=use_bias, w_init=w_init,
+                         b_init=b_init, fused=fused, name=name)
         if not isinstance(filters, int) or filters <= 0:
             raise ValueError(f"{self}: filters must be a positive int, got {filters!r}")
         self.filters = filters
-        self.kernel_size = pair(kernel_size, "kernel_size", self)
-        self.strides = pair(strides, "strides", self)
-        self.padding = padding_mode(padding, self)
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
-        self.fused = bool(fused)
-        self.w_init = initializer(w_init, "w_init", self)
-        self.b_init = initializer(b_init, "b_init", self)
 
-    def _create_variables(self, input_shape):
-        n_in = input_shape[-1]
-        if n_in is None:
-            raise ValueError(f"{self}: the number of input channels must be known, got {shape_str(input_shape)}")
-        check_window_fits(self, input_shape, self.kernel_size, self.padding)
-        kh, kw = self.kernel_size
-        self.w = tf.Variable(self.w_init([kh, kw, n_in, self.filters], self.dtype), name="w")
-        if self.use_bias:
-            self.b = tf.Variable(self.b_init([self.filters], self.dtype), name="b")
+    @property
+    def kernel_size(self):
+        return self.window
 
-    def _forward(self, x, training):
-        return _bias_activation(self, tf.nn.conv2d(x, self.w, strides=(1,) + self.strides + (1,),
-                                                   padding=self.padding.upper()))
+    def _kernel_shape(self, input_shape):
+        return self.kernel_size + (input_shape[-1], self.filters)
 
-    def output_shape(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        return (None,) + spatial_output(input_shape, self.kernel_size, self.strides, self.padding) + (self.filters,)
+    def _linear(self, x):
+        return tf.nn.conv2d(x, self.w, *self._tf_strides())
 
-    def _stride_text(self):
-        return self.strides[0] if self.strides[0] == self.strides[1] else f"{self.strides[0]}x{self.strides[1]}"
+    def _kernel_gradient(self, x, dz):
+        """dw[di, dj, c, f] = sum_{n, i, j} x_pad[n, i*sh + di, j*sw + dj, c] * dz[n, i, j, f], with x_pad the
+        padded input of the forward pass: a correlation of the input with dz (each weight met every window it was
+        applied to), on TensorFlow's kernel for it (conv2d_backprop_filter); a test checks it against the sum."""
+        return tf.compat.v1.nn.conv2d_backprop_filter(x, tf.shape(self.w), dz, *self._tf_strides())
 
-    def formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        kh, kw = self.kernel_size
-        stride = self._stride_text()
-        z = (f"conv2d(x{shape_str(input_shape)}, w[{kh},{kw},{input_shape[-1]},{self.filters}], "
-             f"stride {stride}, {self.padding})")
-        if self.use_bias:
-            z += f" + b[{self.filters}]"
-        return activated(self.activation, z)
+    def _input_gradient(self, x, dz):
+        """dx_pad[n, p, q, c] = sum_{i*sh + di = p, j*sw + dj = q} sum_f dz[n, i, j, f] * w[di, dj, c, f], then
+        dx = dx_pad without the padding: the transposed convolution (each output sends dz back through its window's
+        weights), on TensorFlow's kernel for it (conv2d_transpose); a test checks it against the sum."""
+        return tf.nn.conv2d_transpose(dz, self.w, tf.shape(x), *self._tf_strides())
 
-    def backward(self, dy, cache):
-        """With dz = dL/dz [N, H', W', F] for z = conv2d(x, w) + b (dz = dy * activation'(z)) and x_pad the padded
-        input of the forward pass (same top/left padding):
-          dw[di, dj, c, f] = sum_{n, i, j} x_pad[n, i*sh + di, j*sw + dj, c] * dz[n, i, j, f]
-                             (a correlation of the input with dz: each weight met every window it was applied to)
-          db[f] = sum_{n, i, j} dz[n, i, j, f]
-          dx_pad[n, p, q, c] = sum_{i*sh + di = p, j*sw + dj = q} sum_f dz[n, i, j, f] * w[di, dj, c, f],
-                             then dx = dx_pad without the padding
-                             (the transposed convolution: each output sends dz back through its window's weights)
-        The two sums run on TensorFlow's kernels for them (conv2d_backprop_filter, conv2d_transpose); a test checks
-        them against the sums written out.
-        """
-        x, y = cache
-        dz = activations.backward(self.activation, dy, y)
-        strides = (1,) + self.strides + (1,)
-        padding = self.padding.upper()
-        grads = {"w": tf.compat.v1.nn.conv2d_backprop_filter(x, tf.shape(self.w), dz, strides, padding)}
-        if self.use_bias:
-            grads["b"] = tf.reduce_sum(dz, axis=[0, 1, 2])
-        return tf.nn.conv2d_transpose(dz, self.w, tf.shape(x), strides, padding), grads
+    def _channels_out(self, channels):
+        return self.filters
 
-    def backward_formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        kh, kw = self.kernel_size
-        dz, parts = _activation_backward(self.activation, self.output_shape(input_shape))
-        parts.append(f"dw[{kh},{kw},{input_shape[-1]},{self.filters}] = correlate(x_pad, {dz})")
-        if self.use_bias:
-            parts.append(f"db[{self.filters}] = sum_N,H',W' {dz}")
-        stride = self._stride_text()
-        dz_shape = shape_str(self.output_shape(input_shape))
-        parts.append(f"dx{shape_str(input_shape)} = conv2d_transpose({dz}{dz_shape}, w, stride {stride}, "
-                     f"{self.padding})")
-        return "; ".join(parts)
+    def _linear_formula(self, input_shape):
+        return (f"conv2d(x{shape_str(input_shape)}, w{shape_str(self._kernel_shape(input_shape))}, "
+                f"{self._window_text()})")
+
+    def _kernel_gradient_formula(self, input_shape, dz):
+        return f"dw{shape_str(self._kernel_shape(input_shape))} = correlate(x_pad, {dz})"
+
+    def _input_gradient_formula(self, input_shape, dz):
+        return (f"dx{shape_str(input_shape)} = conv2d_transpose({dz}{shape_str(self.output_shape(input_shape))}, w, "
+                f"{self._window_text()})")
 
 
 class BatchNorm(Layer):
@@ -228,7 +288,12 @@ class BatchNorm(Layer):
     also runs where the kernel does not pay or cannot run: x [N, C] (as [N, 1, 1, C] the kernel measured 3x
     slower than the formula), float64 variables, and training with `synchronized`. The hand-written backward
     pass (`backward`) is always the formula's.
+
+    Under mixed precision it computes in float32 (`computes_in_float32`): its mean and variance sum many values,
+    and its moving statistics move by steps of 1 - momentum of their size, both lost in 8 bits of mantissa.
     """
+
+    computes_in_float32 = True
 
     def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True, synchronized=False, fused=True,
                  name=None):
@@ -328,19 +393,6 @@ class BatchNorm(Layer):
         offset = self.beta - mean * inv if self.center else -mean * inv
         return x * inv + offset
 
-    def output_shape(self, input_shape=None):
-        return self._shape_or_built(input_shape)
-
-    def formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        c = input_shape[-1]
-        y = f"(x{shape_str(input_shape)} - mean[{c}]) / sqrt(var[{c}] + {self.epsilon:g})"
-        if self.scale:
-            y = f"gamma[{c}] * {y}"
-        if self.center:
-            y += f" + beta[{c}]"
-        return f"y = {y}"
-
     def forward_with_cache(self, x, training=False):
         """y as the forward pass computes it (the fused kernel or the formula, as `_forward`); cache = (x_hat =
         (x - mean) / sigma, 1 / sigma [C], training), sigma = sqrt(variance + epsilon), for the backward pass."""
@@ -368,6 +420,19 @@ class BatchNorm(Layer):
         if not training:
             return scale * dy, grads
         return scale * (dy - tf.reduce_mean(dy, axis=axes) - x_hat * tf.reduce_mean(dy * x_hat, axis=axes)), grads
+
+    def output_shape(self, input_shape=None):
+        return self._shape_or_built(input_shape)
+
+    def formula(self, input_shape=None):
+        input_shape = self._shape_or_built(input_shape)
+        c = input_shape[-1]
+        y = f"(x{shape_str(input_shape)} - mean[{c}]) / sqrt(var[{c}] + {self.epsilon:g})"
+        if self.scale:
+            y = f"gamma[{c}] * {y}"
+        if self.center:
+            y += f" + beta[{c}]"
+        return f"y = {y}"
 
     def backward_formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
@@ -420,11 +485,6 @@ class Dropout(Layer):
             return dy, {}
         return dy * mask / (1.0 - self.rate), {}
 
-    def backward_formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        return (f"dx{shape_str(input_shape)} = dy * mask / {1.0 - self.rate:g} (training, same mask); "
-                f"dx = dy (inference)")
-
     def output_shape(self, input_shape=None):
         return self._shape_or_built(input_shape)
 
@@ -432,6 +492,11 @@ class Dropout(Layer):
         input_shape = self._shape_or_built(input_shape)
         return (f"y = x{shape_str(input_shape)} * mask / {1.0 - self.rate:g}, "
                 f"mask ~ Bernoulli({1.0 - self.rate:g}) (training); y = x (inference)")
+
+    def backward_formula(self, input_shape=None):
+        input_shape = self._shape_or_built(input_shape)
+        return (f"dx{shape_str(input_shape)} = dy * mask / {1.0 - self.rate:g} (training, same mask); "
+                f"dx = dy (inference)")
 
 
 class Activation(Layer):
@@ -443,8 +508,20 @@ class Activation(Layer):
         self.fn = activations.get(fn_name)
         self.fused = bool(fused)
 
+    @property
+    def computes_in_float32(self):
+        """softmax computes in float32 under mixed precision: its exponentials and their sum lose too much in 16
+        bits (as the loss, which always computes in float32)."""
+        return self.fn is activations.softmax
+
     def _forward(self, x, training):
         return (activations.kernel(self.fn) if self.fused else self.fn)(x)
+
+    def backward(self, dy, cache):
+        """dx = dy * fn'(x), written with y = fn(x) (activations.backward): relu dy * [y > 0], sigmoid
+        dy * y * (1 - y), tanh dy * (1 - y^2), softmax y * (dy - sum_k dy * y)."""
+        x, y = cache
+        return activations.backward(self.fn, dy, y), {}
 
     def output_shape(self, input_shape=None):
         return self._shape_or_built(input_shape)
@@ -452,12 +529,6 @@ class Activation(Layer):
     def formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return f"y = {activations.name_of(self.fn) or 'identity'}(x{shape_str(input_shape)})"
-
-    def backward(self, dy, cache):
-        """dx = dy * fn'(x), written with y = fn(x) (activations.backward): relu dy * [y > 0], sigmoid
-        dy * y * (1 - y), tanh dy * (1 - y^2), softmax y * (dy - sum_k dy * y)."""
-        x, y = cache
-        return activations.backward(self.fn, dy, y), {}
 
     def backward_formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
@@ -480,6 +551,11 @@ class Reshape(Layer):
     def _forward(self, x, training):
         return tf.reshape(x, (tf.shape(x)[0],) + self.output_shape()[1:])
 
+    def backward(self, dy, cache):
+        """dx = reshape(dy, shape of x): reshaping moves no value, so each gradient goes back to its place."""
+        x, y = cache
+        return tf.reshape(dy, tf.shape(x)), {}
+
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         if any(d is None for d in input_shape[1:]):
@@ -499,11 +575,6 @@ class Reshape(Layer):
         input_shape = self._shape_or_built(input_shape)
         return f"y = reshape(x{shape_str(input_shape)}, {shape_str(self.output_shape(input_shape))})"
 
-    def backward(self, dy, cache):
-        """dx = reshape(dy, shape of x): reshaping moves no value, so each gradient goes back to its place."""
-        x, y = cache
-        return tf.reshape(dy, tf.shape(x)), {}
-
     def backward_formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return f"dx = reshape(dy{shape_str(self.output_shape(input_shape))}, {shape_str(input_shape)})"
@@ -517,31 +588,27 @@ class Flatten(Reshape):
         super().__init__((-1,), name=name)
 
 
-class MaxPool2D(Layer):
-    """Max pooling: y[n, i, j, c] = max_{di < ph, dj < pw} x[n, i*sh + di, j*sw + dj, c].
+class MaxPool2D(Windowed):
+    """Max pooling: y[n, i, j, c] = max_{di < ph, dj < pw} x_pad[n, i*sh + di, j*sw + dj, c].
 
-    x [N, H, W, C] -> y [N, H', W', C]; strides default to the pool size; padding as in Conv2D
-    (padded positions never win the max).
+    x [N, H, W, C] -> y [N, H', W', C]; strides default to the pool size; H', W' and the padding as in Conv2D
+    (`Windowed`; padded positions never win the max).
     """
 
-    input_rank = 4
-
     def __init__(self, pool_size=2, strides=None, padding="valid", name=None):
-        super().__init__(name=name)
-        self.pool_size = pair(pool_size, "pool_size", self)
-        self.strides = self.pool_size if strides is None else pair(strides, "strides", self)
-        self.padding = padding_mode(padding, self)
+        super().__init__(pool_size, strides, padding, window_name="pool_size", name=name)
 
-    def _create_variables(self, input_shape):
-        check_window_fits(self, input_shape, self.pool_size, self.padding)
+    @property
+    def pool_size(self):
+        return self.window
 
     def _forward(self, x, training):
-        return tf.nn.max_pool2d(x, ksize=self.pool_size, strides=self.strides, padding=self.padding.upper())
+        return tf.nn.max_pool2d(x, self.pool_size, *self._tf_strides())
 
     def forward_with_cache(self, x, training=False):
         """(y, (shape of x, argmax)): argmax[n, i, j, c] = the flat index into x of the window's maximum."""
-        y, argmax = tf.nn.max_pool_with_argmax(x, ksize=self.pool_size, strides=self.strides,
-                                               padding=self.padding.upper(), include_batch_in_index=True)
+        strides, padding = self._tf_strides()
+        y, argmax = tf.nn.max_pool_with_argmax(x, self.pool_size, strides, padding, include_batch_in_index=True)
         return y, (tf.shape(x), argmax)
 
     def backward(self, dy, cache):
@@ -553,20 +620,15 @@ class MaxPool2D(Layer):
         routed = tf.scatter_nd(tf.reshape(argmax, [-1, 1]), tf.reshape(dy, [-1]), tf.reshape(size, [1]))
         return tf.reshape(routed, shape), {}
 
+    def formula(self, input_shape=None):
+        input_shape = self._shape_or_built(input_shape)
+        ph, pw = self.pool_size
+        return f"y = max over {ph}x{pw} windows of x{shape_str(input_shape)}, {self._window_text()}"
+
     def backward_formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return (f"dx{shape_str(input_shape)} = dy{shape_str(self.output_shape(input_shape))} routed to each "
                 f"window's max, 0 elsewhere")
-
-    def output_shape(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        return (None,) + spatial_output(input_shape, self.pool_size, self.strides, self.padding) + (input_shape[-1],)
-
-    def formula(self, input_shape=None):
-        input_shape = self._shape_or_built(input_shape)
-        ph, pw = self.pool_size
-        return (f"y = max over {ph}x{pw} windows of x{shape_str(input_shape)}, "
-                f"stride {self.strides[0]}, {self.padding}")
 
 
 class GlobalAveragePooling2D(Layer):
@@ -577,6 +639,12 @@ class GlobalAveragePooling2D(Layer):
     def _forward(self, x, training):
         return tf.reduce_mean(x, axis=[1, 2])
 
+    def backward(self, dy, cache):
+        """dx[n, i, j, c] = dy[n, c] / (H * W): every position contributed 1 / (H * W) of the mean."""
+        x, y = cache
+        shape = tf.shape(x)
+        return tf.broadcast_to(dy[:, tf.newaxis, tf.newaxis, :], shape) / tf.cast(shape[1] * shape[2], dy.dtype), {}
+
     def output_shape(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return (None, input_shape[-1])
@@ -584,12 +652,6 @@ class GlobalAveragePooling2D(Layer):
     def formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)
         return f"y = mean over H,W of x{shape_str(input_shape)}"
-
-    def backward(self, dy, cache):
-        """dx[n, i, j, c] = dy[n, c] / (H * W): every position contributed 1 / (H * W) of the mean."""
-        x, y = cache
-        shape = tf.shape(x)
-        return tf.broadcast_to(dy[:, tf.newaxis, tf.newaxis, :], shape) / tf.cast(shape[1] * shape[2], dy.dtype), {}
 
     def backward_formula(self, input_shape=None):
         input_shape = self._shape_or_built(input_shape)

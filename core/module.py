@@ -9,12 +9,15 @@ A new layer subclasses `Layer` and writes two methods:
             return x * self.s
 
 `output_shape(input_shape)` (default: traced from `_forward`) and `formula(input_shape)` (default:
-"y = scale(x[N,C])") may be overridden for a clearer summary. Shapes use N for the batch dimension.
+"y = scale(x[N,C])") may be overridden for a clearer summary; a class puts them after its math (`_forward`,
+`backward`), so a reader meets the equations first. Shapes use N for the batch dimension.
 
 Dtype: a layer is built in the floating dtype of the first input it sees (float32 when built from a shape
 alone or from integer inputs), its variables are created in that dtype (`self.dtype`, passed to the
-initializers), and later inputs are cast to it in `Layer.__call__`, the one place a mixed-precision policy
-(variables in float32, computation in bfloat16) will change.
+initializers), and later inputs are cast to it in `Layer.__call__`. Under mixed precision
+(core/precision.py) a layer computes in 16 bits from casts of its float32 weights, unless it declares
+`computes_in_float32` (BatchNorm's statistics, softmax); `mixed_input` says such a layer reads a 16-bit x as it
+is, without casting it up.
 """
 import tensorflow as tf
 
@@ -62,25 +65,6 @@ def padding_mode(padding, layer):
     return padding.lower()
 
 
-def spatial_output(input_shape, window, strides, padding):
-    """(H', W') for x [N, H, W, C]: same -> ceil(H / sh); valid -> ceil((H - kh + 1) / sh); likewise W."""
-    out = []
-    for size, k, s in zip(input_shape[1:3], window, strides):
-        if size is not None:
-            size = -(-(size if padding == "same" else size - k + 1) // s)
-        out.append(size)
-    return tuple(out)
-
-
-def check_window_fits(layer, input_shape, window, padding):
-    """With 'valid' padding the window must fit in the image."""
-    if padding == "valid":
-        for size, k in zip(input_shape[1:3], window):
-            if size is not None and size < k:
-                raise ValueError(f"{layer}: input {shape_str(input_shape)} is smaller than the "
-                                 f"{window[0]}x{window[1]} window with 'valid' padding")
-
-
 def initializer(init, what, layer):
     """`init` if it is an initializer (a callable (shape, dtype) -> tensor), else a ValueError."""
     if not callable(init):
@@ -111,9 +95,15 @@ def named_variables(module, prefix):
 
 class Layer(tf.Module):
     """y = f(x; variables). Subclasses write `_create_variables(input_shape)` (if they have variables) and
-    `_forward(x, training)`; `input_rank` is the rank they accept (None: any rank >= 2)."""
+    `_forward(x, training)`; `input_rank` is the rank they accept (None: any rank >= 2).
+
+    Mixed precision (core/precision.py) reads two declarations: `computes_in_float32`, True for a layer whose
+    math needs float32 when the rest computes in 16 bits (its weights are then not cast, and its input is cast
+    up); `mixed_input`, True for such a layer that reads a 16-bit x as it is (float32 inside, 16-bit y out)."""
 
     input_rank = None
+    computes_in_float32 = False
+    mixed_input = False
 
     def __init__(self, name=None):
         super().__init__(name=name or snake_case(type(self).__name__))
@@ -175,6 +165,18 @@ class Layer(tf.Module):
     def _forward(self, x, training):
         raise NotImplementedError
 
+    def forward_with_cache(self, x, training=False):
+        """(y, cache) for a built layer, x a tensor of the layer's dtype: y as the forward pass computes it (moving
+        statistics and dropout generators advance as in a call) and what `backward` needs, returned rather than
+        stored on the layer so a traced step stays pure. The default cache is (x, y)."""
+        y = self._forward(x, bool(training))
+        return y, (x, y)
+
+    def backward(self, dy, cache):
+        """(dx, {variable attribute: gradient}) from dy = dL/dy [shape of y] and the forward pass's cache, derived
+        by hand (docs/backprop.md); core.backprop chains them through a Sequential."""
+        raise NotImplementedError(f"{self} has no hand-written backward pass (docs/backprop.md)")
+
     def output_shape(self, input_shape=None):
         """Output shape for `input_shape` (default: the built one), batch dimension as None; by default read
         from a trace of `_forward` in inference mode (nothing runs)."""
@@ -188,18 +190,6 @@ class Layer(tf.Module):
         "y = layer_norm(x[N,200])" (the snake-case class name)."""
         input_shape = self._shape_or_built(input_shape)
         return f"y = {snake_case(type(self).__name__)}(x{shape_str(input_shape)})"
-
-    def forward_with_cache(self, x, training=False):
-        """(y, cache) for a built layer, x a tensor of the layer's dtype: y as the forward pass computes it (moving
-        statistics and dropout generators advance as in a call) and what `backward` needs, returned rather than
-        stored on the layer so a traced step stays pure. The default cache is (x, y)."""
-        y = self._forward(x, bool(training))
-        return y, (x, y)
-
-    def backward(self, dy, cache):
-        """(dx, {variable attribute: gradient}) from dy = dL/dy [shape of y] and the forward pass's cache, derived
-        by hand (docs/backprop.md); core.backprop chains them through a Sequential."""
-        raise NotImplementedError(f"{self} has no hand-written backward pass (docs/backprop.md)")
 
     def backward_formula(self, input_shape=None):
         """The backward pass as equations with shapes, e.g. "dw[3136,200] = xᵀ @ dy; dx[N,3136] = dy @ wᵀ"."""
