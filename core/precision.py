@@ -10,8 +10,10 @@ A training step in mixed precision (`mixed_gradients`):
     g      = dL/dw = cast(dL/dw16, float32)    the cast's gradient brings g back to float32
     w      <- optimizer(g, w)                  float32 weights and float32 optimizer slots
 
-A layer holding non-trainable statistics (BatchNorm's moving mean and variance) keeps them, and its
-weights, in float32. The fused BatchNorm (`mixed_input`) takes the 16-bit x as it is: FusedBatchNormV3
+Every layer of the model is reached, those nested in other layers included (tf.Module's traversal of
+attributes, lists and dicts). A layer declaring `computes_in_float32` (BatchNorm for its statistics, a
+softmax Activation) keeps its weights in float32 and computes in float32, as the loss does. The fused BatchNorm
+(`mixed_input`) takes the 16-bit x as it is: FusedBatchNormV3
 reads bfloat16 x with float32 gamma, beta and statistics, accumulates in float32 and writes a bfloat16 y,
 so the activations stay in 16 bits from the first layer to the logits. The formula's BatchNorm
 (fused=False) casts its 16-bit input up, computes in float32, and the next layer casts down again
@@ -25,41 +27,45 @@ import contextlib
 
 import tensorflow as tf
 
+from core.module import Layer
+from core.names import PRECISIONS
+
 __all__ = ["PRECISIONS", "compute_dtype", "compute_in", "LossScale", "mixed_gradients"]
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+_COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
 def compute_dtype(precision):
-    """"float32" -> float32; "mixed_bfloat16" -> bfloat16; "mixed_float16" -> float16."""
+    """"float32" -> float32; "mixed_bfloat16" -> bfloat16; "mixed_float16" -> float16 (names: core.names)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}[precision]
+    return _COMPUTE_DTYPES[precision]
 
 
-def _keeps_float32(layer):
-    """A layer with non-trainable floating statistics (moving averages) computes in float32."""
-    return any(isinstance(value, tf.Variable) and not value.trainable and value.dtype.is_floating
-               for value in vars(layer).values())
+def _layers(model):
+    """Every Layer in `model` (itself, if it is one, then the nested ones at any depth: attributes, lists, dicts)."""
+    nested = model._flatten(predicate=lambda value: isinstance(value, Layer))
+    return ([model] if isinstance(model, Layer) else []) + list(nested)
 
 
 @contextlib.contextmanager
 def compute_in(model, dtype):
-    """Within the block, `model`'s layers compute in `dtype` from casts of their float32 weights.
+    """Within the block, `model`'s layers, nested ones included, compute in `dtype` from casts of their float32
+    weights.
 
-    Each layer's trainable variables are replaced by `cast(variable, dtype)` (read inside the caller's
-    tape, so gradients reach the float32 variables: each weight is cast once per step) and its dtype by
-    `dtype`, then restored on exit. Layers with moving statistics keep float32 variables; those taking a
-    16-bit input (`mixed_input`) get `dtype` as their dtype, so their input is not cast up; the others
+    Each layer's trainable variables (its attributes) are replaced by `cast(variable, dtype)` (read inside the
+    caller's tape, so gradients reach the float32 variables: each weight is cast once per step) and its dtype by
+    `dtype`, then restored on exit. Layers declaring `computes_in_float32` keep their float32 variables; those
+    taking a 16-bit input (`mixed_input`) get `dtype` as their dtype, so their input is not cast up; the others
     stay in float32 (see the module docstring).
     """
     saved = []
     try:
-        for layer in getattr(model, "layers", []):
-            if getattr(layer, "dtype", None) is None:
+        for layer in _layers(model):
+            if layer.dtype is None:
                 continue
-            if _keeps_float32(layer):
-                if getattr(layer, "mixed_input", False):
+            if layer.computes_in_float32:
+                if layer.mixed_input:
                     saved.append((layer, layer.dtype, {}))
                     layer.dtype = dtype
                 continue
@@ -71,7 +77,7 @@ def compute_in(model, dtype):
             layer.dtype = dtype
         yield model
     finally:
-        for layer, layer_dtype, weights in saved:
+        for layer, layer_dtype, weights in reversed(saved):
             for name, variable in weights.items():
                 setattr(layer, name, variable)
             layer.dtype = layer_dtype

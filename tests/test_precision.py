@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from core.layers import BatchNorm, Conv2D, Dense, Flatten, Sequential
+from core.layers import Activation, BatchNorm, Conv2D, Dense, Flatten, Sequential
 from core.losses import softmax_cross_entropy
+from core.module import Layer
 from core.optimizers import Adam
 from core.precision import LossScale, compute_dtype, compute_in, mixed_gradients
 from core.runner import Runner, tape_gradients
@@ -46,6 +47,55 @@ def test_layers_compute_in_bfloat16_batch_norm_keeps_float32_statistics_and_the_
     assert all(v.dtype == tf.float32 for v in model.layers[1].variables)
     assert model.layers[1].dtype == tf.float32  # restored on exit
     assert all(isinstance(layer.w, tf.Variable) for layer in model.layers if hasattr(layer, "w"))
+
+
+class Stack(Layer):
+    """y = inner_k(... inner_1(x)): layers held in a list inside one layer, a container inside the model."""
+
+    def __init__(self, inner, name=None):
+        super().__init__(name=name)
+        self.inner = list(inner)
+
+    def _create_variables(self, input_shape):
+        for layer in self.inner:
+            layer.build(input_shape, self.dtype)
+            input_shape = layer.output_shape(input_shape)
+
+    def _forward(self, x, training):
+        for layer in self.inner:
+            x = layer(x, training)
+        return x
+
+
+def test_nested_layers_compute_in_bfloat16_and_a_nested_batch_norm_and_softmax_in_float32():
+    """compute_in reaches layers nested in containers (two levels deep here), and follows each layer's
+    computes_in_float32: the nested Dense weights are cast, a nested formula BatchNorm and a softmax stay float32."""
+    tf.random.set_seed(4)
+    deepest = Dense(6, name="deepest")
+    norm = BatchNorm(fused=False, name="norm")
+    softmax = Activation("softmax", name="softmax")
+    model = Sequential([Flatten(), Stack([Dense(8, activation="relu", name="inner"), norm,
+                                          Stack([deepest, softmax], name="stack2")], name="stack1"), Dense(3)])
+    model.build((None, 2, 2, 1))
+    x = tf.random.uniform([5, 2, 2, 1])
+    with compute_in(model, tf.bfloat16):
+        assert deepest.w.dtype == tf.bfloat16 and not isinstance(deepest.w, tf.Variable)
+        assert model.layers[1].inner[0].w.dtype == tf.bfloat16
+        assert isinstance(norm.beta, tf.Variable) and norm.dtype == tf.float32
+        assert deepest(tf.cast(norm(tf.zeros([5, 8])), tf.bfloat16)).dtype == tf.bfloat16
+        assert softmax(tf.zeros([5, 6], tf.bfloat16)).dtype == tf.float32
+        assert model(tf.cast(x, tf.bfloat16)).dtype == tf.bfloat16
+    assert isinstance(deepest.w, tf.Variable) and deepest.dtype == tf.float32  # restored on exit
+    assert all(v.dtype == tf.float32 for v in model.variables)
+    labels = tf.constant([0, 1, 2, 0, 1])
+    variables = model.trainable_variables
+    _, _, grads32 = tape_gradients(model, softmax_cross_entropy, x, labels, variables)
+    _, _, grads16 = mixed_gradients(tf.bfloat16)(model, softmax_cross_entropy, x, labels, variables)
+    for variable, g16, g32 in zip(variables, grads16, grads32):
+        assert g16.dtype == tf.float32
+        assert np.linalg.norm(g16.numpy() - g32.numpy()) <= 0.1 * np.linalg.norm(g32.numpy()), variable.name
+    deepest_w = [i for i, v in enumerate(variables) if v is deepest.w][0]
+    assert not np.array_equal(grads16[deepest_w].numpy(), grads32[deepest_w].numpy())  # computed in bfloat16
 
 
 def test_mixed_step_matches_the_float32_step_within_bfloat16_precision_and_keeps_float32_gradients():
