@@ -13,8 +13,8 @@ The cache is returned, never stored on the layer, so a traced step stays a pure 
 variables; `core.backprop` chains these through a Sequential.
 
 Two bases hold what layers share: `Affine`, y = activation(linear(x, w) + b) with its kernel, bias, activation
-and their backward pass (Dense, Conv2D), and `Windowed`, the window, stride and padding
-geometry (Conv2D, MaxPool2D). Each class gives its math first (`_forward`, `backward`) and its
+and their backward pass (Dense, Conv2D, DepthwiseConv2D), and `Windowed`, the window, stride and padding
+geometry (Conv2D, DepthwiseConv2D, MaxPool2D). Each class gives its math first (`_forward`, `backward`) and its
 display after (`output_shape`, `formula`, `backward_formula`).
 """
 import math
@@ -110,8 +110,8 @@ class Affine(Layer):
 
 
 class Windowed(Layer):
-    """A kh x kw window slid over x [N, H, W, C] with strides (sh, sw): the geometry of Conv2D and MaxPool2D.
-    Output row i reads rows i*sh .. i*sh + kh - 1 of the padded input x_pad; along H (W likewise):
+    """A kh x kw window slid over x [N, H, W, C] with strides (sh, sw): the geometry of Conv2D, DepthwiseConv2D
+    and MaxPool2D. Output row i reads rows i*sh .. i*sh + kh - 1 of the padded input x_pad; along H (W likewise):
         padding "valid": no padding, H' = ceil((H - kh + 1) / sh) (the window must fit: H >= kh);
         padding "same":  H' = ceil(H / sh); the total padding P = max((H' - 1) * sh + kh - H, 0) is split
                          top = P // 2, bottom = P - top, so an odd P puts the extra row at the bottom (and
@@ -265,6 +265,61 @@ class Conv2D(Windowed, Affine):
     def _input_gradient_formula(self, input_shape, dz):
         return (f"dx{shape_str(input_shape)} = conv2d_transpose({dz}{shape_str(self.output_shape(input_shape))}, w, "
                 f"{self._window_text()})")
+
+
+class DepthwiseConv2D(Windowed, Affine):
+    """Depthwise 2-D convolution: each input channel convolved with its own m filters, no sum over channels:
+    y = activation(depthwise_conv2d(x, w, stride, padding) + b).
+
+    x [N, H, W, C], w [kh, kw, C, m] (m = depth_multiplier), b [C*m] -> y [N, H', W', C*m] with
+    y[n, i, j, c*m + k] = sum_{di, dj} x_pad[n, i*sh + di, j*sw + dj, c] * w[di, dj, c, k] + b[c*m + k]
+    (H', W' and the padding of x_pad: `Windowed`). kh*kw*C*m weights where Conv2D with C*m filters has C times
+    as many. w = w_init([kh, kw, C, m], dtype) (default Glorot uniform with the fans of that shape, as Keras:
+    fan_in = kh*kw*C, fan_out = kh*kw*m); b = b_init([C*m], dtype) (default zeros).
+    """
+
+    def __init__(self, kernel_size, strides=1, padding="same", depth_multiplier=1, activation=None, use_bias=True,
+                 w_init=GlorotUniform(), b_init=Zeros(), fused=True, name=None):
+        super().__init__(kernel_size, strides, padding, activation=activation, use_bias=use_bias, w_init=w_init,
+                         b_init=b_init, fused=fused, name=name)
+        if not isinstance(depth_multiplier, int) or depth_multiplier <= 0:
+            raise ValueError(f"{self}: depth_multiplier must be a positive int, got {depth_multiplier!r}")
+        self.depth_multiplier = depth_multiplier
+
+    @property
+    def kernel_size(self):
+        return self.window
+
+    def _kernel_shape(self, input_shape):
+        return self.kernel_size + (input_shape[-1], self.depth_multiplier)
+
+    def _linear(self, x):
+        return tf.nn.depthwise_conv2d(x, self.w, *self._tf_strides())
+
+    def _kernel_gradient(self, x, dz):
+        """dw[di, dj, c, k] = sum_{n, i, j} x_pad[n, i*sh + di, j*sw + dj, c] * dz[n, i, j, c*m + k]: channel c of the
+        input correlated with the m channels of dz it produced (TensorFlow's depthwise_conv2d_backprop_filter)."""
+        return tf.nn.depthwise_conv2d_backprop_filter(x, tf.shape(self.w), dz, *self._tf_strides())
+
+    def _input_gradient(self, x, dz):
+        """dx_pad[n, p, q, c] = sum_{i*sh + di = p, j*sw + dj = q} sum_k dz[n, i, j, c*m + k] * w[di, dj, c, k], then
+        dx = dx_pad without the padding: Conv2D's transposed convolution, each channel on its own
+        (TensorFlow's depthwise_conv2d_backprop_input)."""
+        return tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), self.w, dz, *self._tf_strides())
+
+    def _channels_out(self, channels):
+        return None if channels is None else channels * self.depth_multiplier
+
+    def _linear_formula(self, input_shape):
+        return (f"depthwise_conv2d(x{shape_str(input_shape)}, w{shape_str(self._kernel_shape(input_shape))}, "
+                f"{self._window_text()})")
+
+    def _kernel_gradient_formula(self, input_shape, dz):
+        return f"dw{shape_str(self._kernel_shape(input_shape))} = correlate_per_channel(x_pad, {dz})"
+
+    def _input_gradient_formula(self, input_shape, dz):
+        return (f"dx{shape_str(input_shape)} = depthwise_conv2d_transpose({dz}"
+                f"{shape_str(self.output_shape(input_shape))}, w, {self._window_text()})")
 
 
 class BatchNorm(Layer):
