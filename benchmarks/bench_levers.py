@@ -130,12 +130,6 @@ class Side:
         return 1000 * (time.perf_counter() - started) / (steps // self.loop * self.loop)
 
 
-def onednn(tf):
-    """"oneDNN on" or "oneDNN off", as this TensorFlow decided (TF_ENABLE_ONEDNN_OPTS, else the CPU's flags)."""
-    from tensorflow.python.util import _pywrap_util_port
-    return f"oneDNN {'on' if _pywrap_util_port.IsMklEnabled() else 'off'}"
-
-
 def main(argv):
     del argv
     import tensorflow as tf
@@ -173,7 +167,7 @@ def main(argv):
     threads = f"inter_op {FLAGS.inter_op or 'default'}, intra_op {FLAGS.intra_op or 'default'}"
     body = (f"Baseline: Runner.train fed by data.training_batches (the fast-path levers: by data.GatheredBatches), "
             f"{LOOP} steps per call, full NaN guard, float64 metrics, no XLA, fused kernels on; {threads}; "
-            f"{FLAGS.rounds} alternated rounds of {FLAGS.steps} steps, best of each; {onednn(tf)}; "
+            f"{FLAGS.rounds} alternated rounds of {FLAGS.steps} steps, best of each; {results.onednn()}; "
             f"load average {os.getloadavg()[0]:.1f} at the end.\n\n" + "\n".join(table))
     print("\n" + body)
     results.record("What each speed lever gives our training step", body)
