@@ -12,6 +12,11 @@ A new layer subclasses `Layer` and writes two methods:
 "y = scale(x[N,C])") may be overridden for a clearer summary; a class puts them after its math (`_forward`,
 `backward`), so a reader meets the equations first. Shapes use N for the batch dimension.
 
+Two bases in core/layers.py carry what most layers repeat: `Affine` for y = activation(linear(x, w) + b) (the
+kernel and bias, the activation, the backward pass through them and the formulas around a subclass's own
+`_linear`, `_kernel_gradient`, `_input_gradient`), and `Windowed` for a window slid over an image (output size,
+padding amounts, the valid-window check). DepthwiseConv2D is both: its math and display, nothing else.
+
 Dtype: a layer is built in the floating dtype of the first input it sees (float32 when built from a shape
 alone or from integer inputs), its variables are created in that dtype (`self.dtype`, passed to the
 initializers), and later inputs are cast to it in `Layer.__call__`. Under mixed precision

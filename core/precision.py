@@ -11,17 +11,16 @@ A training step in mixed precision (`mixed_gradients`):
     w      <- optimizer(g, w)                  float32 weights and float32 optimizer slots
 
 Every layer of the model is reached, those nested in other layers included (tf.Module's traversal of
-attributes, lists and dicts). A layer declaring `computes_in_float32` (BatchNorm for its statistics, a
-softmax Activation) keeps its weights in float32 and computes in float32, as the loss does. The fused BatchNorm
-(`mixed_input`) takes the 16-bit x as it is: FusedBatchNormV3
-reads bfloat16 x with float32 gamma, beta and statistics, accumulates in float32 and writes a bfloat16 y,
-so the activations stay in 16 bits from the first layer to the logits. The formula's BatchNorm
-(fused=False) casts its 16-bit input up, computes in float32, and the next layer casts down again
-(BatchNorm's docstring says where the kernel casts bfloat16 itself). float16 has 5 exponent bits: small
-gradients underflow to 0, so "mixed_float16" multiplies L by a loss scale S before differentiating and
-divides g by S after (`LossScale`, the rule of Keras's LossScaleOptimizer): a step whose scaled gradients
-overflow is skipped and S halves; after `growth_steps` good steps in a row S doubles. bfloat16 keeps
-float32's exponent range and needs no scaling.
+attributes, lists and dicts). A layer declaring `computes_in_float32` (BatchNorm for its statistics, a softmax
+Activation) keeps its weights in float32 and computes in float32, as the loss does. The fused BatchNorm
+(`mixed_input`) takes the 16-bit x as it is: FusedBatchNormV3 reads bfloat16 x with float32 gamma, beta and
+statistics, accumulates in float32 and writes a bfloat16 y, so the activations stay in 16 bits from the first
+layer to the logits. The formula's BatchNorm (fused=False) casts its 16-bit input up, computes in float32, and
+the next layer casts down again (BatchNorm's docstring says where the kernel casts bfloat16 itself). float16 has
+5 exponent bits: small gradients underflow to 0, so "mixed_float16" multiplies L by a loss scale S before
+differentiating and divides g by S after (`LossScale`, the rule of Keras's LossScaleOptimizer): a step whose
+scaled gradients overflow is skipped and S halves; after `growth_steps` good steps in a row S doubles. bfloat16
+keeps float32's exponent range and needs no scaling.
 """
 import contextlib
 
