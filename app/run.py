@@ -36,23 +36,17 @@ class Interrupted(RunError):
 
 
 def load_data(config):
-    """(train, validation, test, (image shape, number of classes)): the datasets and what their files hold;
-    RunError(one line) if the files are unusable."""
+    """(train, validation, test, (image shape, number of classes)): the splits as core.data.Examples and what
+    their files hold; RunError(one line) if the files are unusable."""
     import datasets
-    from core import data
-    from datasets import idx
     try:
-        data_dir = datasets.prepare(config.data_dir, config.dataset, download=True, progress=config.progress)
-        shape = idx.describe(data_dir)
-        train = idx.load(data_dir, "train")
-        test = idx.load(data_dir, "test")
-    except idx.DataError as error:
+        loaded = datasets.load(config.dataset, config.data_dir, progress=config.progress)
+    except datasets.DataError as error:
         raise RunError(str(error)) from None
+    train, validation = loaded.train, loaded.test
     if config.validation == "holdout":
-        train, validation = data.split_validation(train, HOLDOUT_EXAMPLES)
-    else:
-        validation = test
-    return train, validation, test, shape
+        train, validation = loaded.train.split(HOLDOUT_EXAMPLES)
+    return train, validation, loaded.test, (loaded.image_shape, loaded.num_classes)
 
 
 def run(config, out=print):
@@ -117,7 +111,7 @@ def check_data(config, strategy, out=print):
     except distribute.DistributeError as error:
         raise FlagError(str(error)) from None
     train, validation, test, data_shape = load_data(config)
-    train_count = int(train.cardinality())
+    train_count = len(train)
     full_epoch = train_count // config.batch_size
     if full_epoch < 1:
         raise FlagError(f"--batch_size={config.batch_size} is larger than the {train_count:,} training images")
@@ -164,7 +158,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     from core import data, distribute
     from core.checkpoint import CheckpointUnreadableError, CheckpointWriteError
     from core.trainer import CheckpointMismatchError, EarlyStopping, NonFiniteError, Trainer
-    from datasets.idx import shape_text
+    from datasets import shape_text
     started = time.monotonic()
     train, validation, test = splits
     chief = run_dir == chief_run_dir
@@ -175,7 +169,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     image_shape, num_classes = data_shape
     out(f"{config.model}: {spec.description}")
     out(f"  {total:,} parameters ({non_trainable:,} non-trainable); {describe_training(config)}")
-    out(f"  {int(train.cardinality()):,} training images {shape_text(image_shape)} in {num_classes} classes, "
+    out(f"  {len(train):,} training images {shape_text(image_shape)} in {num_classes} classes, "
         f"{steps_per_epoch} steps per epoch; validation: {validation_name}")
     out(f"  run directory: {chief_run_dir}" + (" (resuming from its checkpoint)" if resuming else ""))
     if config.strategy != "default":
@@ -252,7 +246,7 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
         index, count = distribute.worker_index(strategy)
         out(f"worker {index} of {count}: weights sha256 {weights_digest(model)} (every worker prints the same)")
     if chief:
-        report(metrics, config, out, full_run=codelab_run(config, spec, int(train.cardinality()), steps_per_epoch))
+        report(metrics, config, out, full_run=codelab_run(config, spec, len(train), steps_per_epoch))
     return metrics
 
 
@@ -291,7 +285,8 @@ def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, grad
     its own shape."""
     import datasets
     from app.summaries import TensorBoard
-    sample_images, sample_labels = next(iter(test.batch(1000)))
+    from core import data
+    (sample_images, sample_labels), = data.evaluation_batches(test.take(1000))
     dataset = datasets.get(config.dataset)
     font_digits = dataset.digits and tuple(sample_images.shape[1:]) == dataset.image_shape
     return [TensorBoard(run_dir, sample_images, sample_labels, hparams=config.hparams(), schedule=schedule,

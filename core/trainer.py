@@ -32,6 +32,7 @@ import time
 import tensorflow as tf
 from tqdm import tqdm
 
+from core import data
 from core.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointUnreadableError
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
@@ -256,9 +257,9 @@ class Trainer:
     def fit(self, train_data, epochs, validation_data=None, steps_per_epoch=None):
         """Trains until `epochs` epochs are complete (counting epochs of a restored run) and returns the History.
 
-        train_data: callable epoch (int, from 0) -> tf.data.Dataset of that epoch's (images, labels)
-          batches (exact resume needs the same batches for the same epoch), one Dataset for every epoch, or
-          a batch source gathered inside the compiled loop (data.GatheredBatches: start(epoch, skip), steps).
+        train_data: a data.BatchSource (data.GatheredBatches: gathered inside the compiled loop), a callable
+          epoch (int, from 0) -> tf.data.Dataset of that epoch's (images, labels) batches (exact resume needs the
+          same batches for the same epoch), or one Dataset for every epoch (data.batch_source wraps them).
         validation_data: a Dataset of batches evaluated after each epoch, or None.
         steps_per_epoch: stop each epoch after that many batches (None: the whole dataset).
         """
@@ -267,14 +268,11 @@ class Trainer:
         stopping = self.early_stopping
         if stopping is not None and stopping.metric.startswith("val_") and validation_data is None:
             raise ValueError(f"early stopping on {stopping.metric} needs validation_data")
-        source = train_data if hasattr(train_data, "start") else None
-        if source is not None and self.runner.strategy.num_replicas_in_sync > 1:
-            raise ValueError("a batch source gathered inside the loop feeds one replica; under a strategy with "
-                             "several, pass the epoch's tf.data batches (the strategy splits them)")
-        epoch_data = train_data if callable(train_data) else (lambda epoch: train_data)
         runner = self.runner
-        spec = source.element_spec if source is not None else self._dataset(epoch_data, 0).element_spec
-        self.concrete_steps["train"] = runner.prepare(spec, "train", source=source)
+        source = data.batch_source(train_data, runner.strategy, steps_per_epoch)
+        total = min(source.steps, steps_per_epoch or source.steps)
+        self.concrete_steps["train"] = runner.prepare(source.element_spec, "train",
+                                                      source=source if source.in_loop else None)
         if stopping is not None:
             stopping.watch(self.model, runner.strategy)
         self._open_checkpoints()
@@ -287,7 +285,7 @@ class Trainer:
         skip = int(runner.step_in_epoch.numpy())
         first = epochs if stopping is not None and stopping.stopped else int(runner.epoch.numpy())
         for epoch in range(first, epochs):
-            iterator, total = self._batches(source, epoch_data, epoch, steps_per_epoch, skip)
+            iterator = source.start(epoch, skip)
             if not skip:
                 runner.train_loss.reset()
                 runner.train_accuracy.reset()
@@ -362,32 +360,3 @@ class Trainer:
         runner.settle_moving_statistics()
         runner.evaluate(iter(runner.distribute(dataset, "eval")))
         return {"loss": float(runner.eval_loss.result()), "accuracy": float(runner.eval_accuracy.result())}
-
-    def _batches(self, source, epoch_data, epoch, steps_per_epoch, skip):
-        """(iterator over epoch `epoch`'s batches after the first `skip`, number of batches in the epoch)."""
-        if source is not None:
-            return source.start(epoch, skip), min(source.steps, steps_per_epoch or source.steps)
-        dataset = self._dataset(epoch_data, epoch)
-        if steps_per_epoch is not None:
-            dataset = dataset.take(steps_per_epoch)
-        total = self._length(dataset, steps_per_epoch)
-        return iter(self.runner.distribute(dataset.skip(skip) if skip else dataset)), total
-
-    @staticmethod
-    def _dataset(epoch_data, epoch):
-        dataset = epoch_data(epoch)
-        if not isinstance(dataset, tf.data.Dataset):
-            raise ValueError(f"train_data({epoch}) must return a tf.data.Dataset, got {type(dataset).__name__}")
-        return dataset
-
-    @staticmethod
-    def _length(dataset, steps_per_epoch):
-        """Number of batches of an epoch: tf.data's count, else steps_per_epoch; infinite or unknown is an error."""
-        cardinality = int(dataset.cardinality())
-        if cardinality == tf.data.INFINITE_CARDINALITY:
-            raise ValueError("train_data is infinite: pass steps_per_epoch")
-        if cardinality >= 0:
-            return cardinality
-        if steps_per_epoch is None:
-            raise ValueError("train_data's number of batches is unknown: pass steps_per_epoch")
-        return steps_per_epoch

@@ -1,15 +1,18 @@
 """The data sets the application trains on: one registry entry each, their IDX files downloaded when missing.
 
+    data = load("fashion_mnist")                # found or downloaded, checked, read: data.train, data.test
+    data.train                                  # core.data.Examples: uint8 pixels [60000, 28, 28, 1], int32 labels
+    data.image_shape, data.num_classes          # (28, 28, 1), 10: what the files hold
     dataset = get("fashion_mnist")              # name, image shape (H, W, C), classes, four files (URL, MD5)
     data_dir = prepare(None, dataset)           # ~/.cache/tf-by-hand/fashion_mnist, downloaded and checked
-    train = idx.load(data_dir, "train")         # images [28, 28, 1] float32, labels int32 in 0..9
 
 A data set is a `Dataset`: its four IDX files (datasets.idx.FILES) with the URL each is fetched from and
 the MD5 of its decompressed content (mirrors recompress the .gz files, the content is what counts).
 Adding one is one REGISTRY entry. Files already present are checked by the same MD5s (datasets.checksums
 remembers each file's verdict): a data set's name never trains another's files. Any directory of four IDX
 files of your own works too (--data_dir): the files say the image shape and the classes, so an entry's
-image_shape and num_classes describe what it downloads.
+image_shape and num_classes describe what it downloads. The files are IDX files (datasets.idx), a detail
+of this package: load() gives their examples, DataError (one line) says what is wrong with them.
 """
 import dataclasses
 import os
@@ -18,8 +21,10 @@ import zlib
 from datasets import checksums, idx
 from datasets.download import DownloadError
 from datasets.download import download as fetch
+from datasets.idx import DataError, shape_text
 
-__all__ = ["DataFile", "Dataset", "REGISTRY", "get", "default_data_dir", "prepare", "check_files"]
+__all__ = ["DataFile", "Dataset", "REGISTRY", "get", "default_data_dir", "prepare", "check_files", "Loaded",
+           "load", "DataError", "shape_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,36 @@ FASHION_MNIST = Dataset(
     }))
 
 REGISTRY = {dataset.name: dataset for dataset in (MNIST, FASHION_MNIST)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A data set read into memory: train and test as core.data.Examples (uint8 pixels [n, H, W, C], int32
+    labels [n]), the image shape (H, W, C) and the number of classes the files hold, and their directory."""
+    train: object
+    test: object
+    image_shape: tuple
+    num_classes: int
+    directory: str
+
+
+def load(name_or_dir="mnist", data_dir=None, download=True, progress=True, timeout=30.0):
+    """The train and test examples of a registered data set (found or fetched as prepare() does, into data_dir or
+    its default directory), or of any directory of four IDX files (`name_or_dir` not a registered name: read as
+    they are, nothing fetched). Raises DataError (one line) for anything that stops training.
+    """
+    if isinstance(name_or_dir, Dataset) or name_or_dir in REGISTRY:
+        directory = prepare(data_dir, name_or_dir, download=download, progress=progress, timeout=timeout)
+    elif data_dir is not None:
+        raise ValueError(f"load: pass a data set's name with data_dir, or a directory alone; got {name_or_dir!r} "
+                         f"and data_dir={data_dir!r}")
+    else:
+        directory = os.path.expanduser(str(name_or_dir))
+        if not os.path.isdir(directory) and os.sep not in directory:
+            get(directory)  # neither a directory nor a registered name: the known names
+    image_shape, num_classes = idx.describe(directory)
+    return Loaded(idx.load(directory, "train"), idx.load(directory, "test"), tuple(image_shape), num_classes,
+                  directory)
 
 
 def get(name):

@@ -1,8 +1,9 @@
-"""IDX files -> checked -> the in-memory pipeline of core.data, the way the codelab reads MNIST.
+"""IDX files -> checked -> core.data.Examples, the way the codelab reads MNIST. Private to datasets/: the
+application calls datasets.load.
 
     validate(data_dir)                                    # {"train": 60000, "test": 10000}, or one-line DataError
     describe(data_dir)                                    # ((28, 28, 1), 10): image shape and classes, from the files
-    train = load(data_dir, "train")                       # (image [H, W, C] float32, label int32), held in memory
+    train = load(data_dir, "train")                       # Examples: uint8 pixels [n, H, W, C], int32 labels [n]
     batches = core.data.training_batches(train, 128, seed, epoch)
 
 A directory holds four files, each plain or gzipped (FILES: the names MNIST made the convention):
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from core.data import in_memory
+from core.data import Examples
 
 __all__ = ["DataError", "FILES", "SPLITS", "find_files", "how_to_point_at_a_copy", "validate", "describe",
            "load", "write_idx", "read_error"]
@@ -126,12 +127,12 @@ def _odd_labels(labels, odd, shown=3):
 
 
 def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
-    """The `split` ("train" or "test") as a Dataset of (image, label), its pixels held in memory.
+    """The `split` ("train" or "test") as core.data.Examples: uint8 pixels [n, H, W, C] (or [n, H * W * C] if
+    `flat`; batched as x = pixel / 255 in [0, 1]) and int32 labels [n].
 
-    image: float32 [H, W, C] (or [H * W * C] if `flat`), x = pixel / 255 in [0, 1]; label: int32 scalar.
     The files are validated first (once per process; image_shape and num_classes as for validate) and
-    read now, once: the decoded uint8 pixels and the labels stay in memory (core.data.in_memory), so every
-    epoch, and any part of the split, reads memory. The cardinality is known.
+    read now, once: the decoded pixels and the labels stay in memory, so every epoch, and any part of the
+    split, reads memory.
     """
     if split not in SPLITS:
         raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -143,7 +144,7 @@ def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
         labels = tf.cast(tf.reshape(_decode(label_path, 8, 1), [count]), tf.int32)
     except tf.errors.OpError as error:  # the files changed since they were validated
         raise DataError(f"{image_path}: cannot read {split} data ({error.message.splitlines()[0]})") from None
-    return in_memory(pixels, labels)
+    return Examples(pixels, labels)
 
 
 def write_idx(path, array):

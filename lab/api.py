@@ -18,11 +18,11 @@ import tensorflow as tf
 
 import datasets
 from core import data as batches, names
+from core.data import Examples
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
 from core.losses import softmax_cross_entropy
 from core.trainer import Trainer
-from datasets import idx
 from models import REGISTRY
 
 __all__ = ["Data", "DataNotFound", "mnist", "settings", "build", "fit", "evaluate", "predictions",
@@ -41,10 +41,11 @@ class DataNotFound(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """A data set's splits as per-example tf.data Datasets of (image [H, W, C] float32 in [0, 1], label int32)."""
-    train: tf.data.Dataset
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
+    """A data set's splits as core.data.Examples: images [n, H, W, C] (uint8 pixels, x = pixel / 255 in [0, 1]
+    when batched) and int32 labels [n]; split.dataset() is the per-example tf.data Dataset of (x, label)."""
+    train: Examples
+    validation: Examples
+    test: Examples
     image_shape: tuple
     num_classes: int
     directory: str
@@ -52,19 +53,10 @@ class Data:
     def subset(self, train=None, test=None):
         """These data with only the first `train` training and the first `test` test examples (None: all);
         a validation split that is the test set is cut with it. The notebooks' small setting uses it."""
-        cut_test = _first(self.test, test)
+        cut_test = self.test if test is None else self.test.take(test)
         validation = cut_test if self.validation is self.test else self.validation
-        return dataclasses.replace(self, train=_first(self.train, train), validation=validation, test=cut_test)
-
-
-def _first(dataset, count):
-    """The first `count` examples of a per-example Dataset of known size (all of them if count is None)."""
-    size = int(dataset.cardinality())
-    if count is None or count >= size:
-        return dataset
-    if count < 1:
-        raise ValueError(f"a subset needs at least one example, got {count}")
-    return batches.split_validation(dataset, size - count)[0]
+        return dataclasses.replace(self, train=self.train if train is None else self.train.take(train),
+                                   validation=validation, test=cut_test)
 
 
 def mnist(data_dir=None, dataset="mnist", validation="test", download=True):
@@ -77,16 +69,13 @@ def mnist(data_dir=None, dataset="mnist", validation="test", download=True):
     if validation not in ("test", "holdout"):
         raise ValueError(f"validation must be 'test' or 'holdout', got {validation!r}")
     try:
-        directory = datasets.prepare(data_dir, dataset, download=download, progress=False)
-        train = idx.load(directory, "train")
-        test = idx.load(directory, "test")
-        image_shape, num_classes = idx.describe(directory)
-    except idx.DataError as error:
+        loaded = datasets.load(dataset, data_dir, download=download, progress=False)
+    except datasets.DataError as error:
         raise DataNotFound(str(error)) from None
-    held_out = test
+    train, held_out = loaded.train, loaded.test
     if validation == "holdout":
-        train, held_out = batches.split_validation(train, HOLDOUT_EXAMPLES)
-    return Data(train, held_out, test, tuple(image_shape), num_classes, directory)
+        train, held_out = loaded.train.split(HOLDOUT_EXAMPLES)
+    return Data(train, held_out, loaded.test, loaded.image_shape, loaded.num_classes, loaded.directory)
 
 
 def settings(model="dense", **changes):
@@ -119,7 +108,7 @@ make_optimizer = names.optimizer
 
 def steps_per_epoch(config, train):
     """config.steps_per_epoch, at most one pass over `train` (ValueError if the batch is larger than `train`)."""
-    count = int(train.cardinality())
+    count = len(train)
     full = count // config.batch_size
     if full < 1:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {count:,} training images")
@@ -157,7 +146,11 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
 
 
 def _arrays(dataset):
-    """(images float32 [N, ...], labels int [N]) of a per-example Dataset, or of an (images, labels) pair."""
+    """(images float32 [N, ...], labels int [N]) of Examples, of a per-example Dataset, or of an (images, labels)
+    pair."""
+    if isinstance(dataset, Examples):
+        (images, labels), = batches.evaluation_batches(dataset, len(dataset))
+        return images.numpy(), labels.numpy()
     if isinstance(dataset, tf.data.Dataset):
         images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset.batch(1000)])
         return np.concatenate(images), np.concatenate(labels)

@@ -347,7 +347,7 @@ def test_trainer_with_the_by_hand_gradients_follows_the_tape_in_its_compiled_ste
     from datasets import idx
     from core.trainer import Trainer
 
-    train = idx.load(mnist_dir, "train").take(96).cache()
+    train = idx.load(mnist_dir, "train").take(96)
     weights = {}
     for how, compute_gradients in (("tape", None), ("by_hand", backprop.gradients)):
         tf.random.set_seed(5)

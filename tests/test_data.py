@@ -126,8 +126,8 @@ def test_validate_real_mnist(mnist_dir):
 
 
 def test_real_shapes_dtypes_ranges_and_known_labels(mnist_train, mnist_test):
-    assert mnist_train.element_spec == (tf.TensorSpec([28, 28, 1], tf.float32), tf.TensorSpec([], tf.int32))
-    assert int(mnist_train.cardinality()) == 60000 and int(mnist_test.cardinality()) == 10000
+    assert mnist_train.images.dtype == tf.uint8 and mnist_train.labels.dtype == tf.int32
+    assert mnist_train.images.shape == (60000, 28, 28, 1) and len(mnist_train) == 60000 and len(mnist_test) == 10000
     train_labels = []
     for images, labels in data.evaluation_batches(mnist_train, batch_size=10000):
         assert images.dtype == tf.float32 and labels.dtype == tf.int32
@@ -208,7 +208,7 @@ def test_tiny_data_round_trip(tiny_dir):
     images, labels = next(iter(data.evaluation_batches(train, 300)))
     np.testing.assert_array_equal(images.numpy(), expected)
     np.testing.assert_array_equal(labels.numpy(), tiny_labels(300))
-    images, labels = next(iter(train.batch(300)))  # the per-example view
+    images, labels = next(iter(train.dataset().batch(300)))  # the per-example view
     np.testing.assert_array_equal(images.numpy(), expected)
 
 
@@ -261,8 +261,9 @@ def test_order_does_not_depend_on_the_global_seed(tiny_dir):
 
 
 def test_any_finite_dataset_of_examples_can_be_shuffled(tiny_dir):
-    """A Dataset not made by load() (here a take() of one) is read into memory once, floats as they are."""
-    part = idx.load(tiny_dir, "train").take(100)
+    """A per-example Dataset (here the view of a take() of loaded examples) is read into memory, floats as
+    they are."""
+    part = idx.load(tiny_dir, "train").take(100).dataset()
     images, labels = next(iter(part.batch(100)))
     seen = np.concatenate([indices(x) for x, _ in data.training_batches(part, 25, seed=0, epoch=0)])
     assert sorted(seen) == list(range(100))
@@ -275,7 +276,7 @@ def test_any_finite_dataset_of_examples_can_be_shuffled(tiny_dir):
     evaluated, _ = next(iter(data.evaluation_batches(part, 100)))
     np.testing.assert_array_equal(evaluated.numpy(), images.numpy())
     kept, held_out = data.split_validation(part, count=10)
-    np.testing.assert_array_equal(next(iter(held_out.batch(10)))[0].numpy(), images.numpy()[90:])
+    np.testing.assert_array_equal(held_out.images.numpy(), images.numpy()[90:])
     assert sorted(epoch_indices(kept, 30, seed=0, epoch=0)) == list(range(90))
 
 
@@ -339,7 +340,7 @@ def test_file_changed_after_validation_still_gives_a_data_error(tmp_path):
 def test_split_validation_holds_out_the_last_examples(tmp_path):
     directory = write_tiny(tmp_path / "split", train=300, test=20)
     train, validation = data.split_validation(idx.load(directory, "train"), count=50)
-    assert int(train.cardinality()) == 250 and int(validation.cardinality()) == 50
+    assert len(train) == 250 and len(validation) == 50
     shutil.rmtree(directory)  # both parts hold their slice of the pixels in memory
     held_out = np.concatenate([indices(x) for x, _ in data.evaluation_batches(validation, 16)])
     assert held_out.tolist() == list(range(250, 300))
@@ -386,7 +387,7 @@ def test_colour_images_in_five_classes(tmp_path):
     assert idx.describe(directory) == ((32, 32, 3), 5)
     assert idx.validate(directory, image_shape=(32, 32, 3), num_classes=5) == {"train": 200, "test": 50}
     train = idx.load(directory, "train")
-    assert train.element_spec == (tf.TensorSpec([32, 32, 3], tf.float32), tf.TensorSpec([], tf.int32))
+    assert train.images.shape == (200, 32, 32, 3) and train.images.dtype == tf.uint8
     images, labels = next(iter(data.evaluation_batches(train, 200)))
     np.testing.assert_array_equal(images.numpy(), colour_images(200).astype(np.float32) / np.float32(255))
     np.testing.assert_array_equal(labels.numpy(), np.arange(200) % 5)

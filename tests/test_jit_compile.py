@@ -72,7 +72,7 @@ def test_the_compiled_evaluation_gives_the_plain_figures_up_to_rounding():
     """The same trained weights evaluated by the plain and the XLA-compiled eval step, batches of 50 and a last
     one of 6: the same accuracy, the loss to float32 rounding."""
     _, _, trained = run(jit_compile=False)
-    batches = data.evaluation_batches(data.in_memory(*next(iter(examples().batch(EXAMPLES)))), 50)
+    batches = data.evaluation_batches(data.Examples(*next(iter(examples().batch(EXAMPLES)))), 50)
     figures = []
     for jit in (False, True):
         trainer = Trainer(trained.model, Adam(0.01), progress=False, jit_compile=jit)

@@ -89,7 +89,7 @@ def run(mnist_dir, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("summaries") / "tiny-run"
     train = idx.load(mnist_dir, "train").take(BATCH * STEPS_PER_EPOCH)
     test = idx.load(mnist_dir, "test").take(SAMPLES)
-    images, labels = next(iter(test.batch(SAMPLES)))
+    (images, labels), = data.evaluation_batches(test, SAMPLES)
     schedule = ExponentialDecay(0.01, 0.5, STEPS_PER_EPOCH, staircase=True)
     tf.random.set_seed(1)
     model = tiny_model()
@@ -262,7 +262,7 @@ def test_logs_are_flushed_before_a_crash(mnist_dir, tmp_path):
     """on_train_end is not called when an exception escapes fit(): the first epoch's logs are on disk anyway."""
     train = idx.load(mnist_dir, "train").take(128)
     test = idx.load(mnist_dir, "test").take(64)
-    images, labels = next(iter(test.batch(64)))
+    (images, labels), = data.evaluation_batches(test, 64)
     tensorboard = TensorBoard(tmp_path, images, labels, font_digits=False, histogram_values=5000)
     trainer = Trainer(tiny_model(), Adam(0.01), callbacks=[tensorboard, Crash()], log_every=2, progress=False)
     with pytest.raises(RuntimeError, match="crash after the first epoch"):
@@ -287,7 +287,7 @@ def test_a_resumed_run_appends_event_files_and_keeps_the_best_accuracy(mnist_dir
     in the same directories, the step axis continues, best_val_accuracy covers the epochs before the resume."""
     train = idx.load(mnist_dir, "train").take(128)
     test = idx.load(mnist_dir, "test").take(64)
-    images, labels = next(iter(test.batch(64)))
+    (images, labels), = data.evaluation_batches(test, 64)
 
     def fit(epochs):
         tf.random.set_seed(1)
@@ -313,7 +313,7 @@ def test_the_callback_leaves_training_bit_identical(mnist_dir, tmp_path):
     state and update no moving statistics: the same seed gives the same weights with and without it."""
     train = idx.load(mnist_dir, "train").take(128)
     test = idx.load(mnist_dir, "test").take(64)
-    images, labels = next(iter(test.batch(64)))
+    (images, labels), = data.evaluation_batches(test, 64)
 
     def final_weights(callbacks):
         tf.random.set_seed(7)

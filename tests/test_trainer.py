@@ -275,7 +275,7 @@ def test_real_mnist_small_convnet_learns(mnist_dir):
     from datasets import idx
     from core.layers import Conv2D
 
-    train = idx.load(mnist_dir, "train").take(640).cache()
+    train = idx.load(mnist_dir, "train").take(640)
     test = data.evaluation_batches(idx.load(mnist_dir, "test").take(500), 250)
     tf.random.set_seed(3)
     model = Sequential([Conv2D(8, 5, strides=2, activation="relu"), Conv2D(16, 5, strides=2, activation="relu"),
