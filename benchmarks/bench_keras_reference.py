@@ -39,7 +39,7 @@ def keras_run(name, seed):
     train = idx.load(FLAGS.data_dir, "train")
     test = idx.load(FLAGS.data_dir, "test")
     batch, epochs = defaults["batch_size"], defaults["epochs"]
-    steps = defaults["steps_per_epoch"] or int(train.cardinality()) // batch
+    steps = defaults["steps_per_epoch"] or len(train) // batch
     lr, decay, k, lr_min = (defaults["learning_rate"], defaults["lr_decay"], defaults["lr_decay_steps"],
                             defaults["lr_min"])
     if decay is None:

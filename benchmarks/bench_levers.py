@@ -111,7 +111,7 @@ class Side:
         else:
             self.batches = lambda epoch: iter(data.training_batches(train, batch, 1, epoch))
             self.runner.prepare(data.training_batches(train, batch, 1, 0).element_spec)
-        self.steps_per_epoch = int(train.cardinality()) // batch
+        self.steps_per_epoch = len(train) // batch
         self.epoch = 0
         self.iterator = self.batches(0)
         self.done = 0

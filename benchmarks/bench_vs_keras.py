@@ -318,7 +318,7 @@ def epoch_end_seconds(tf, data, name, ours, test, rounds):
 
     trainer = ours.trainer
     every = settings(name)["summaries_every_epochs"]
-    images, labels = next(iter(test.batch(1000)))
+    images, labels = next(iter(data.evaluation_batches(test)))
     with tempfile.TemporaryDirectory() as logdir:
         board = TensorBoard(logdir, images, labels, hparams={"model": name}, summaries_every_epochs=every,
                             gradients=ours.last_gradients)
@@ -363,7 +363,7 @@ def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
     defaults = settings(name)
     target = ACCURACY_TARGETS[name]
     batch = defaults["batch_size"]
-    steps = int(train.cardinality()) // batch
+    steps = len(train) // batch
     config = TrainingConfig(**REGISTRY[name].settings)
 
     def learning_rate_schedule():
@@ -524,7 +524,7 @@ def main(argv):
              + f"; {onednn(tf)}; TensorFlow {tf.__version__}; load average {load_before:.1f} at the start"]
     print(lines[0], flush=True)
     if FLAGS.whole_process:
-        body = whole_process_table(lines, int(train.cardinality()))
+        body = whole_process_table(lines, len(train))
         body.append(f"Load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
         print("\n" + "\n\n".join(body[1:]))
         results.record("Whole process: ours train.py against Keras model.fit, each a fresh process", "\n\n".join(body))
@@ -560,7 +560,7 @@ def main(argv):
             real, still = feeds["gathered"], feeds["one batch"]
             parts = epoch_end_seconds(tf, data, name, ours, test, FLAGS.rounds)
             end = sum(parts.values())
-            epoch = (settings(name)["steps_per_epoch"] or int(train.cardinality()) // batch) * real / 1000
+            epoch = (settings(name)["steps_per_epoch"] or len(train) // batch) * real / 1000
             peak = peaks["bfloat16" if precision != "float32" else "float32"]
             share = training_flops(ours.model, tf) * batch / (real / 1000) / 1e9 / peak
             extras.append(f"| {label} | {real:.2f} | {feeds['tf.data']:.2f} | {still:.2f} | "
