@@ -1,6 +1,7 @@
 """A run's settings: RunConfig (the training settings of core.config plus where the data and the run live) and
 make_config, which fills what a user leaves out from the model's codelab settings and checks the settings that
-depend on each other. Imports no TensorFlow: train.py checks every flag, --model included, before it loads.
+depend on each other. Imports no TensorFlow: train.py checks every flag, --model and --dataset included (their
+names from models.REGISTRY and datasets.REGISTRY), before it loads.
 
     config = make_config({"model": "conv", "epochs": 2})      # RunConfig; FlagError (one line) if unusable
 """
@@ -10,6 +11,7 @@ import os
 from core import names
 from core.config import SettingError, TrainingConfig, math_settings, setting
 from core.config import hparams as config_hparams
+from datasets import REGISTRY as DATASETS
 from models import REGISTRY
 
 __all__ = ["RunConfig", "RESUME_KEYS", "HOLDOUT_EXAMPLES", "FlagError", "make_config", "notes", "make_strategy"]
@@ -52,7 +54,7 @@ class RunConfig(TrainingConfig):
                               f"does) or the last {HOLDOUT_EXAMPLES:,} training images, held out of training.",
                               math=True, choices=("test", "holdout"))
     dataset: str = setting("mnist", "Data set (datasets.REGISTRY); its files are downloaded into --data_dir if "
-                           "missing.", math=True, choices=("mnist", "fashion_mnist"))
+                           "missing.", math=True, choices=DATASETS.keys())
     data_dir: str | None = setting(None, "Directory of the four IDX files (plain or .gz; any image shape and "
                                    "number of classes, read from the files); --dataset's files are downloaded "
                                    "there if missing (default: $TF_BY_HAND_DATA_DIR or "
@@ -68,7 +70,7 @@ class RunConfig(TrainingConfig):
     gradients: str = setting("tape", "How the training step computes the gradients: tf.GradientTape, or each "
                              "layer's hand-written backward pass chained by core/backprop.py (docs/backprop.md). "
                              "With --summary, by_hand also prints every layer's backward formulas.",
-                             math=True, choices=tuple(names.GRADIENTS))
+                             math=True, choices=names.GRADIENTS.keys())
     strategy: str = setting("default", "How to spread training (docs/distributed.md): default = one device; "
                             "mirrored = one replica per local GPU (or per --cpu_devices); multi_worker = "
                             "the workers named in $TF_CONFIG (python -m cluster.launch starts them locally). "

@@ -103,7 +103,7 @@ class TrainingConfig:
     steps_per_epoch: int | None = setting(None, "Stop each epoch after this many steps, for quick runs "
                                           "(None: a full pass).", _optional_positive_int, math=True,
                                           per_model=True, none_means=0)
-    optimizer: str = setting("adam", "Optimizer.", math=True, per_model=True, choices=tuple(names.OPTIMIZERS))
+    optimizer: str = setting("adam", "Optimizer.", math=True, per_model=True, choices=names.OPTIMIZERS.keys())
     learning_rate: float = setting(0.001, "Initial learning rate (above lr_min).", _learning_rate, math=True,
                                    per_model=True)
     lr_decay: float | None = setting(None, "Learning-rate decay factor per period, in (0, 1]; 1 = constant "

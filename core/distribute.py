@@ -39,12 +39,13 @@ import tempfile
 
 import tensorflow as tf
 
+from core.names import STRATEGIES
+
 __all__ = ["STRATEGIES", "DistributeError", "configure_cpu_devices", "make_strategy", "replica_batch_size",
            "distribute_batches", "all_reduce_sum", "all_reduce_gradients", "on_every_replica",
            "cross_replica_moments", "check_in_scope", "settle", "worker_index", "is_chief", "WorkerDirectory",
            "lost_worker", "server_failure", "describe"]
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
 # Seconds a collective waits for its peers before failing: how long a lost worker can stall the others.
 DEFAULT_TIMEOUT_SECONDS = 60.0
 # Logical CPU devices per core at most: each has its own executor threads and buffers (256 on 2 cores took

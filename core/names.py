@@ -4,8 +4,10 @@ only when it is used.
     OPTIMIZERS["adam"]                         # "core.optimizers:Adam"
     optimizer(config, schedule)                # core.optimizers.Adam(schedule) for config.optimizer == "adam"
 
-core.config takes its choices from here, so a flag's value is checked before TensorFlow loads. A new optimizer
-is its class in core/optimizers.py plus one entry in OPTIMIZERS.
+This is the one list of each choice: core.config's flags, core.precision and core.distribute read it, so a
+flag's value is checked before TensorFlow loads. A new optimizer is its class (in core/optimizers.py or a
+module of its own) plus one entry in OPTIMIZERS. The application's names live beside what they name and import
+no TensorFlow either: models.REGISTRY (networks) and datasets.REGISTRY (data sets).
 """
 import importlib
 

@@ -26,9 +26,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
-
-from core.data import Examples
 
 __all__ = ["DataError", "FILES", "SPLITS", "find_files", "how_to_point_at_a_copy", "validate", "describe",
            "load", "write_idx", "read_error"]
@@ -136,6 +133,9 @@ def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
     """
     if split not in SPLITS:
         raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
+    import tensorflow as tf  # here, not above: the data set names are read before TensorFlow loads
+
+    from core.data import Examples
     image_path, label_path, count, shape, _ = _check_split(_directory(data_dir), split, image_shape, num_classes)
     record_bytes = int(np.prod(shape))
     pixel_shape = [count, record_bytes] if flat else [count, *shape]
@@ -170,11 +170,13 @@ def shape_text(shape):
 
 def _decode(path, header_bytes, record_bytes):
     """uint8 [count, record_bytes]: the records of an IDX file, decoded 1000 records per decode_raw."""
+    import tensorflow as tf
     records = _records(path, header_bytes, record_bytes).batch(DECODE_BATCH)
     return tf.concat(list(records.map(lambda batch: tf.io.decode_raw(batch, tf.uint8))), axis=0)
 
 
 def _records(path, header_bytes, record_bytes):
+    import tensorflow as tf
     compression = "GZIP" if path.endswith(".gz") else ""
     return tf.data.FixedLengthRecordDataset(
         path, record_bytes, header_bytes=header_bytes, compression_type=compression)

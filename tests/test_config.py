@@ -89,8 +89,8 @@ def test_every_choice_is_read_from_a_registry_and_each_name_works():
     """The flags' choices are the registries' names; every optimizer and gradient method named is made, so a new
     entry is tested without a test naming it."""
     choices = {field.name: field.metadata["choices"] for field in dataclasses.fields(train.RunConfig)}
-    assert choices["optimizer"] == tuple(names.OPTIMIZERS) == ("adam", "sgd")
-    assert (choices["gradients"], choices["precision"], choices["strategy"]) == (
+    assert tuple(choices["optimizer"]) == tuple(names.OPTIMIZERS) == ("adam", "sgd")
+    assert (tuple(choices["gradients"]), choices["precision"], choices["strategy"]) == (
         tuple(names.GRADIENTS), names.PRECISIONS, names.STRATEGIES)
     from core.optimizers import Optimizer
     for name in names.OPTIMIZERS:
