@@ -118,7 +118,11 @@ def check_data(config, strategy, out=print):
     if config.steps_per_epoch and config.steps_per_epoch > full_epoch:
         out(f"note: {config.steps_per_epoch} steps per epoch is more than one pass over {train_count:,} "
             f"images at batch {config.batch_size}; using {full_epoch}")
-    return (train, validation, test), data_shape, min(config.steps_per_epoch or full_epoch, full_epoch)
+    steps_per_epoch = min(config.steps_per_epoch or full_epoch, full_epoch)
+    if steps_per_epoch < config.grad_accum_steps:
+        raise FlagError(f"--grad_accum_steps={config.grad_accum_steps} needs that many batches per epoch, an epoch "
+                        f"has {steps_per_epoch}")
+    return (train, validation, test), data_shape, steps_per_epoch
 
 
 def train_in(run_dir, config, strategy, data, out=print):
@@ -140,7 +144,7 @@ def train_in(run_dir, config, strategy, data, out=print):
                 [os.path.join(writes.path, "export")] if config.export_dir else [])
         tf.config.experimental.enable_op_determinism()
         tf.random.set_seed(config.seed)
-        schedule = names.learning_rate_schedule(config, steps_per_epoch)
+        schedule = names.learning_rate_schedule(config, steps_per_epoch // config.grad_accum_steps)  # in updates
         with strategy.scope():  # every variable mirrored on each replica (docs/distributed.md)
             model = spec.build(config.dropout, num_classes=num_classes, sync_batch_norm=config.sync_batch_norm)
             model.build((None, *image_shape))
@@ -154,10 +158,9 @@ def train_in(run_dir, config, strategy, data, out=print):
 def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_run_dir, run_dir, export_dirs,
                      resuming, splits, data_shape, steps_per_epoch, out):
     """Trains, evaluates and exports; writes into `run_dir` (the chief's run directory, or a worker's copy)."""
-    from app.summaries import LastGradients
     from core import data, distribute
     from core.checkpoint import CheckpointUnreadableError, CheckpointWriteError
-    from core.trainer import CheckpointMismatchError, EarlyStopping, NonFiniteError, Trainer
+    from core.trainer import CheckpointMismatchError, EarlyStopping, NonFiniteError, Runner, Trainer
     from datasets import shape_text
     started = time.monotonic()
     train, validation, test = splits
@@ -170,32 +173,26 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     out(f"{config.model}: {spec.description}")
     out(f"  {total:,} parameters ({non_trainable:,} non-trainable); {describe_training(config)}")
     out(f"  {len(train):,} training images {shape_text(image_shape)} in {num_classes} classes, "
-        f"{steps_per_epoch} steps per epoch; validation: {validation_name}")
+        f"{steps_per_epoch} steps per epoch{updates_text(config, steps_per_epoch)}; validation: {validation_name}")
     out(f"  run directory: {chief_run_dir}" + (" (resuming from its checkpoint)" if resuming else ""))
     if config.strategy != "default":
         per_replica = plural(distribute.replica_batch_size(config.batch_size, strategy), "image")
         out(f"  {distribute.describe(strategy)}; {per_replica} per replica"
             + ("" if chief else "; the chief writes the run") + one_cpu_hint(config, strategy))
 
-    # The applied gradients, kept for TensorBoard; not in mixed precision, whose step computes its own gradients
-    # (core/precision.py), so TensorBoard shows no gradients rather than zeros.
-    last_gradients = None
-    if config.precision == "float32":
-        with strategy.scope():
-            last_gradients = LastGradients(model)
     stop = interrupts.StopOnSignal()
     callbacks = [EpochReport(config.epochs, validation_name, out), stop]
-    callbacks += tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, last_gradients)
-    trainer = Trainer(model, optimizer, callbacks=callbacks, log_every=config.log_every,
-                      **gradient_options(config, last_gradients),
+    callbacks += tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test)
+    runner = Runner(model, optimizer, compute_gradients=names.gradient_function(config.gradients),
+                    strategy=strategy, precision=config.precision, jit_compile=config.jit_compile,
+                    grad_accum_steps=config.grad_accum_steps, ema=config.ema)
+    stopping = (EarlyStopping(config.early_stopping, config.early_stopping_metric, config.restore_best)
+                if config.early_stopping or config.restore_best else None)
+    trainer = Trainer(runner, callbacks=callbacks, log_every=config.log_every,
                       checkpoint_dir=os.path.join(chief_run_dir, "checkpoints"),
                       checkpoint_write_dir=os.path.join(run_dir, "checkpoints"),
                       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-                      progress=config.progress, steps_per_loop=config.steps_per_loop, strategy=strategy,
-                      precision=config.precision, jit_compile=config.jit_compile,
-                      early_stopping=EarlyStopping(config.early_stopping, config.early_stopping_metric,
-                                                   config.restore_best)
-                      if config.early_stopping or config.restore_best else None)
+                      progress=config.progress, steps_per_loop=config.steps_per_loop, early_stopping=stopping)
     if strategy.num_replicas_in_sync == 1:  # the batches gathered inside the compiled loop: no input pipeline
         batches = data.GatheredBatches(train, config.batch_size, config.seed)
     else:  # the same batches from tf.data, which the strategy splits among the replicas
@@ -216,7 +213,8 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                           f"{trainer.checkpointer.latest}: {resume_hint(config, chief_run_dir)}", stop.exit_code)
     results = trainer.evaluate(data.evaluation_batches(test))
 
-    exported = [export_model(model, path, chief_run_dir) for path in export_dirs]
+    with runner.averaged_weights():  # --ema: the moving averages are the exported model
+        exported = [export_model(model, path, chief_run_dir) for path in export_dirs]
 
     epochs = history.epochs
     best = max(epochs, key=lambda e: e.get("val_accuracy", -1.0)) if epochs else None
@@ -269,18 +267,16 @@ def weights_digest(model):
     return digest.hexdigest()[:16]
 
 
-def gradient_options(config, last_gradients):
-    """The Trainer's compute_gradients: gradient_function's, recorded into `last_gradients`; none without them
-    (mixed precision: the runner's own)."""
-    if last_gradients is None:
-        return {}
-    return {"compute_gradients": last_gradients.recording(names.gradient_function(config.gradients))}
+def updates_text(config, steps_per_epoch):
+    """' (46 updates of 4 batches)' with --grad_accum_steps above 1, else ''."""
+    accumulate = config.grad_accum_steps
+    return f" ({steps_per_epoch // accumulate} updates of {accumulate} batches)" if accumulate > 1 else ""
 
 
-def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, gradients):
+def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test):
     """[TensorBoard callback] writing into run_dir: scalars each epoch, histograms and pictures of the first
-    1,000 test images every config.summaries_every_epochs-th epoch, the last step's gradients (`gradients`, a
-    LastGradients, or None), the graph, the hparams, and at the end curves.png, learning_rate.png,
+    1,000 test images every config.summaries_every_epochs-th epoch, the gradients the last update applied
+    (Runner.named_gradients), the graph, the hparams, and at the end curves.png, learning_rate.png,
     predictions.png (layout: app/summaries.py); printed digits too when the data set is handwritten digits of
     its own shape."""
     import datasets
@@ -290,8 +286,9 @@ def tensorboard_callbacks(config, run_dir, schedule, steps_per_epoch, test, grad
     dataset = datasets.get(config.dataset)
     font_digits = dataset.digits and tuple(sample_images.shape[1:]) == dataset.image_shape
     return [TensorBoard(run_dir, sample_images, sample_labels, hparams=config.hparams(), schedule=schedule,
-                        total_steps=config.epochs * steps_per_epoch, font_digits=font_digits,
-                        summaries_every_epochs=config.summaries_every_epochs, gradients=gradients)]
+                        total_steps=config.epochs * (steps_per_epoch // config.grad_accum_steps),
+                        font_digits=font_digits, summaries_every_epochs=config.summaries_every_epochs,
+                        gradients=True)]
 
 
 def export_model(model, export_dir, run_dir):

@@ -2,7 +2,7 @@
 
     tensorboard = TensorBoard(run_dir, sample_images, sample_labels, hparams=config.hparams(),
                               schedule=schedule, total_steps=epochs * steps_per_epoch)
-    Trainer(model, optimizer, callbacks=[tensorboard]).fit(...)
+    Trainer(Runner(model, optimizer), callbacks=[tensorboard]).fit(...)
     tensorboard --logdir runs          # then http://localhost:6006
 
 The callback knows no data set and no model beyond the Trainer's callback protocol and Sequential's
@@ -18,8 +18,8 @@ The callback knows no data set and no model beyond the Trainer's callback protoc
                                                    conv1/w, conv1/b, conv1_bn/moving_mean, ...
                              activations/<layer>   same epoch ends: every layer's output on the sample images
                                                    (a fixed random subset of histogram_values if larger)
-                             gradients/<layer>/<variable>   same epoch ends, with `gradients` (LastGradients):
-                                                   the gradient the epoch's last step applied
+                             gradients/<layer>/<variable>   same epoch ends, with `gradients`: the gradient
+                                                   the epoch's last update applied (Runner.named_gradients)
                   scalars  gradient_norm/<layer>   each epoch end, with `gradients`: sqrt of the sum of that
                                                    gradient's squares over the layer's trainable variables
                   images   predictions             same epoch ends: sample digits, misrecognised first in red
@@ -97,45 +97,14 @@ def _hparam_value(value):
     return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
-class LastGradients(tf.Module):
-    """The gradients of the latest training step, kept in non-trainable variables by the compiled step itself, so
-    the TensorBoard callback reads them once per epoch and no step waits on the host:
-
-        last = LastGradients(model)
-        Trainer(model, optimizer, compute_gradients=last.recording(tape_gradients),
-                callbacks=[TensorBoard(..., gradients=last)])
-    """
-
-    def __init__(self, model):
-        super().__init__(name="last_gradients")
-        named = [(tag, variable) for tag, variable in model.named_variables() if variable.trainable]
-        self.tags = [tag for tag, _ in named]
-        # Each replica of a tf.distribute strategy records its own gradient (before the all-reduce); reading
-        # gives their mean, which is the gradient the step applied (sum over replicas of g_r / k). Create the
-        # LastGradients under the strategy's scope. Without a strategy these are plain variables.
-        self.values = [tf.Variable(tf.zeros_like(variable), trainable=False, name=tag.replace("/", "_"),
-                                   synchronization=tf.VariableSynchronization.ON_READ,
-                                   aggregation=tf.VariableAggregation.MEAN)
-                       for tag, variable in named]
-        self._slot = {variable.ref(): value for (_, variable), value in zip(named, self.values)}
-
-    def recording(self, compute_gradients):
-        """compute_gradients that also assigns each gradient it returns to its variable here (same contract)."""
-        def recorded(model, loss_fn, images, labels, variables):
-            loss, logits, gradients = compute_gradients(model, loss_fn, images, labels, variables)
-            for variable, gradient in zip(variables, gradients):
-                if gradient is not None and variable.ref() in self._slot:
-                    self._slot[variable.ref()].assign(gradient)
-            return loss, logits, gradients
-        return recorded
-
-    def layer_norms(self):
-        """[(layer, ||gradient||)] in layer order: sqrt(sum of squares over the layer's trainable variables)."""
-        squares = {}
-        for tag, value in zip(self.tags, self.values):
-            layer = tag.split("/")[0]
-            squares[layer] = squares.get(layer, 0.0) + float(tf.reduce_sum(tf.square(value)))
-        return [(layer, float(np.sqrt(total))) for layer, total in squares.items()]
+def layer_norms(named_gradients):
+    """[(layer, ||gradient||)] in layer order: sqrt(sum of squares over the layer's trainable variables), from
+    [('<layer>/<variable>', gradient)] (Runner.named_gradients())."""
+    squares = {}
+    for tag, gradient in named_gradients:
+        layer = tag.split("/")[0]
+        squares[layer] = squares.get(layer, 0.0) + float(tf.reduce_sum(tf.square(gradient)))
+    return [(layer, float(np.sqrt(total))) for layer, total in squares.items()]
 
 
 class TensorBoard(Callback):
@@ -156,13 +125,13 @@ class TensorBoard(Callback):
     histogram_values: an activation with more values than this (conv1 of conv_bn_big on 1,000 images has
       18.8 million) is histogrammed from this many of them, drawn at fixed positions (a stateless draw
       that leaves TF's random state alone); variables are always histogrammed whole.
-    gradients: a LastGradients whose gradients are histogrammed (with the variables) and whose per-layer norms
-      are written each epoch, or None.
+    gradients: histogram the gradients the last update applied (the trainer's Runner.named_gradients(), with
+      the variables) and write their per-layer norms each epoch.
     """
 
     def __init__(self, logdir, sample_images=None, sample_labels=None, hparams=None, schedule=None,
                  total_steps=None, font_digits=True, mosaic_size=100, histogram_values=250_000,
-                 summaries_every_epochs=1, gradients=None):
+                 summaries_every_epochs=1, gradients=False):
         if (sample_images is None) != (sample_labels is None):
             raise ValueError("TensorBoard: give both sample_images and sample_labels, or neither")
         if sample_images is not None:
@@ -189,6 +158,7 @@ class TensorBoard(Callback):
         self.mosaic_size = mosaic_size
         self.histogram_values = histogram_values
         self.gradients = gradients
+        self.named_gradients = []
         self.model = None
         self.writers = {}
         self.last_logged_step = None
@@ -200,6 +170,7 @@ class TensorBoard(Callback):
     def on_train_begin(self, trainer):
         """Opens the writers; writes the train step's graph and the hparams session."""
         self.model = trainer.model
+        self.named_gradients = trainer.runner.named_gradients() if self.gradients else []
         restored = [e["val_accuracy"] for e in trainer.history.epochs if "val_accuracy" in e]  # a resumed run
         self.best_val_accuracy = max(restored, default=None)
         if not self.writers:
@@ -259,8 +230,7 @@ class TensorBoard(Callback):
         layer's activations, the prediction mosaic and the font digits, all at `step`, into logdir (one forward
         pass over the sample images)."""
         with self.writers["run"].as_default(step=step):
-            if self.gradients is not None:
-                for layer_name, norm in self.gradients.layer_norms():
+            for layer_name, norm in layer_norms(self.named_gradients):
                     tf.summary.scalar(f"gradient_norm/{layer_name}", norm)
             if not histograms_and_images:
                 return
@@ -269,9 +239,7 @@ class TensorBoard(Callback):
                 activations = self.model.activations(self.sample_images, training=False)
                 logits = activations[-1][1]
             named = list(self.model.named_variables())
-            if self.gradients is not None:
-                named += [(f"gradients/{tag}", gradient)
-                          for tag, gradient in zip(self.gradients.tags, self.gradients.values)]
+            named += [(f"gradients/{tag}", gradient) for tag, gradient in self.named_gradients]
             named += [(f"activations/{layer_name}", self._some_values(output))
                       for layer_name, output in activations or []]
             write_histograms(named)

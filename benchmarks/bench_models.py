@@ -94,7 +94,7 @@ class _StepClock:
 def time_ours(tf, train_set, batch_size, learning_rate, seed, warmup, steps):
     """ms per step of core.trainer.Trainer.fit on the conv model (log points at warmup and warmup + steps)."""
     from core import data, optimizers
-    from core.trainer import Callback, Trainer
+    from core.trainer import Callback, Runner, Trainer
     from models import REGISTRY
 
     clock = _StepClock([warmup, warmup + steps])
@@ -105,8 +105,8 @@ def time_ours(tf, train_set, batch_size, learning_rate, seed, warmup, steps):
 
     tf.random.set_seed(seed)
     model = REGISTRY["conv"].build(REGISTRY["conv"].defaults["dropout"])
-    trainer = Trainer(model, optimizers.Adam(learning_rate), callbacks=[Clock()], log_every=math.gcd(warmup, steps),
-                      progress=False)
+    trainer = Trainer(Runner(model, optimizers.Adam(learning_rate)), callbacks=[Clock()],
+                      log_every=math.gcd(warmup, steps), progress=False)
     trainer.fit(lambda epoch: data.training_batches(train_set, batch_size, seed, epoch), epochs=1,
                 steps_per_epoch=warmup + steps)
     return 1000 * (clock.times[warmup + steps] - clock.times[warmup]) / steps

@@ -33,7 +33,7 @@ import models  # noqa: E402
 from benchmarks import results  # noqa: E402
 from core import data  # noqa: E402
 from core.optimizers import SGD, Adam  # noqa: E402
-from core.trainer import Trainer  # noqa: E402
+from core.trainer import Runner, Trainer  # noqa: E402
 from datasets import idx  # noqa: E402
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "mnist"
@@ -98,8 +98,8 @@ def step_rates(name, train, seconds, rounds):
     batch_size = spec.defaults["batch_size"]
     tf.random.set_seed(0)
     optimizer_class = Adam if spec.defaults["optimizer"] == "adam" else SGD
-    trainer = Trainer(spec.build(spec.defaults["dropout"]), optimizer_class(spec.defaults["learning_rate"]),
-                      progress=False)
+    model = spec.build(spec.defaults["dropout"])
+    trainer = Trainer(Runner(model, optimizer_class(spec.defaults["learning_rate"])), progress=False)
     trainer.build((None, 28, 28, 1))
     train_step = tf.function(lambda images, labels: trainer.runner.train_step((images, labels)))
     batch = next(iter(data.training_batches(train, batch_size, seed=0, epoch=0)))

@@ -73,6 +73,10 @@ def _dropout(value):
     return None if 0 <= value < 1 else f"must be in [0, 1), got {value:g}"
 
 
+def _ema_decay(value):
+    return None if value is None or 0 <= value < 1 else f"must be in [0, 1), got {value:g}"
+
+
 def _seed(value):
     return None if 0 <= value < 2 ** 63 else f"must be in [0, 2**63), got {value}"
 
@@ -136,6 +140,14 @@ class TrainingConfig:
                                 "default, 30-40% faster on CPU (benchmarks/RESULTS.md). One replica only: a "
                                 "model's default yields to --strategy. It rounds differently and draws other "
                                 "dropout masks, so a run keeps its choice.", math=True, per_model=True)
+    grad_accum_steps: int = setting(1, "Batches per update: each update applies the mean gradient of this many "
+                                    "batches, as one batch K times larger would (without BatchNorm). Steps count "
+                                    "updates; an epoch's remainder of fewer batches is left out.", _positive_int,
+                                    math=True)
+    ema: float | None = setting(None, "Keep an exponential moving average of the weights with this decay d in "
+                                "[0, 1) (ema = d * ema + (1 - d) * w after each update); evaluation and the "
+                                "export use it, training the raw weights (default: none).", _ema_decay,
+                                math=True, none_means=0.0)
     progress: bool = setting(True, "Show a progress bar per epoch (on a terminal).")
 
     def __post_init__(self):

@@ -2,32 +2,43 @@
 
     runner = Runner(model, Adam(schedule))
     runner.prepare(dataset.element_spec)               # builds variables, traces train() once
-    runner.train(iterator, tf.constant(50))            # 50 steps, one call from Python
+    runner.train(iterator, tf.constant(50))            # 50 updates, one call from Python
     runner.evaluate(iter(test_batches))                # every batch, one call from Python
+    runner.state()                                     # what a checkpoint saves and restores
 
-`train(iterator, num_steps)` is one tf.function whose body is
+`train(iterator, num_updates)` is one tf.function whose body is
 
-    for _ in tf.range(num_steps):
+    for _ in tf.range(num_updates):
+        for _ in tf.range(K - 1):                      only with grad_accum_steps K > 1
+            accumulate_step(next(iterator))            gradients -> sum
         train_step(next(iterator))
 
-`num_steps` is a tensor, so any loop length reuses the same trace. `train_step(batch)` is the whole
-step, and every state it changes lives in this module: model variables (BatchNorm moving statistics
-too), the optimizer's slots and step, the metrics and the NaN guard's record. Nothing the step needs
-comes from outside it, so the loop runs it per replica of a tf.distribute strategy:
+and the update is a short chain of stages, each a small method or module that can be swapped:
 
-    for _ in tf.range(num_steps):
-        strategy.run(train_step, (next(iterator),))      each replica: its slice of the global batch
+    L, logits, g = gradients(x, labels)                compute_gradients: tape, by hand, mixed precision
+    L, g = accumulation.mean(L, g)                     over the update's K batches (K = 1: as is)
+    L, g = all_reduce_gradients(L, g)                  the global batch's, on every replica
+    guard(step, lr, [L] + g, update)                   only if all finite (core/guard.py; float16 loss scale)
+        update: optimizer.apply(g, w); ema.update(); keep g for TensorBoard; metrics += (L, accuracy)
 
-and inside the step `core.distribute.all_reduce_gradients` turns every replica's loss and gradients into
-the global batch's (one all-reduce; the identity with one replica), before the NaN guard and the update,
-so every replica makes the same decision and the same update (core/distribute.py, docs/distributed.md).
+`num_updates` is a tensor, so any loop length reuses the same trace. Every state the step changes lives in
+this module (model variables, BatchNorm moving statistics too, the optimizer's slots and step, the metrics,
+the guard's record, the averaged weights), so the loop runs it per replica of a tf.distribute strategy
+(`strategy.run`), each replica on its slice of the global batch. Every collective (the all-reduces, sync
+batch norm's) sits outside the guard's tf.conds, and the conds branch on all-reduced values, so every
+replica reaches each collective on every step and takes the same branch (docs/distributed.md).
 
-The Python side (core/trainer.py) decides how many steps to run between its log points, checkpoints and
+The Python side (core/trainer.py) decides how many updates to run between its log points, checkpoints and
 epoch ends and reads variables only there.
 """
+import contextlib
+
 import tensorflow as tf
 
 from core import distribute
+from core.accumulate import GradientSum
+from core.ema import MovingAverage
+from core.guard import Guard
 from core.losses import softmax_cross_entropy
 from core.metrics import Accuracy, Mean
 from core.precision import LossScale, compute_dtype, mixed_gradients
@@ -66,29 +77,6 @@ def batch_specs(element_spec):
                  for spec, name in ((images, "images"), (labels, "labels")))
 
 
-def _finite_flags(tensors):
-    """[k] bool: is every element of tensors[i] finite.
-
-    Two stages. An inf or a NaN anywhere in t makes sum(t) inf or NaN, so a finite sum(t) clears t in one
-    read: the usual step costs one sum per tensor. A sum that is not finite may also be finite values
-    overflowing it, so only then are the elements checked one by one, which gives the exact flags.
-    """
-    sums = tf.stack([tf.cast(tf.reduce_sum(tensor), tf.float32) for tensor in tensors])
-    cleared = tf.math.is_finite(sums)
-    return tf.cond(tf.reduce_all(cleared), lambda: cleared,
-                   lambda: tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors]))
-
-
-def _first_false(flags):
-    """Index of the first False in a bool vector [k], k if there is none: min over i of (flags[i] ? k : i).
-
-    Deterministic, unlike argmin on ties, and defined for any flags: XLA may evaluate both branches of a
-    tf.cond, so it must not fail on the branch that is not taken.
-    """
-    size = tf.size(flags)
-    return tf.reduce_min(tf.where(flags, size, tf.range(size)))
-
-
 def _unique(variables):
     seen, unique = set(), []
     for variable in variables:
@@ -99,12 +87,13 @@ def _unique(variables):
 
 
 class Runner(tf.Module):
-    """Model, optimizer, loss, metrics, run position and NaN guard, with compiled `train` and `evaluate`.
+    """Model, optimizer, loss, metrics, run position, NaN guard and the optional stages, with compiled `train`
+    and `evaluate`.
 
     Args:
       model: a Sequential (or any tf.Module with build(input_shape), __call__(x, training) -> logits).
       optimizer: SGD/Adam from core.optimizers (build(variables), apply(gradients, variables), step,
-        current_learning_rate()).
+        current_learning_rate()). Its step counts updates.
       loss_fn: (logits [N, C], labels [N]) -> scalar mean loss.
       compute_gradients: (model, loss_fn, images, labels, variables) -> (loss, logits, gradients);
         default `tape_gradients`.
@@ -115,19 +104,29 @@ class Runner(tf.Module):
       jit_compile: compile `train_step` and `eval_step` with XLA, which fuses their element-wise ops into fewer
         kernels (one replica only). The same math, rounded otherwise; Dropout's generator draws XLA's random
         bits, so the masks differ from an uncompiled run's (still a function of the seed and the step).
+      grad_accum_steps: K, the batches whose mean gradient makes one update (core/accumulate.py).
+      ema: decay d of an exponential moving average of the weights (core/ema.py), which evaluation and
+        export use (`averaged_weights()`); None: none.
     """
 
     def __init__(self, model, optimizer, loss_fn=softmax_cross_entropy, compute_gradients=tape_gradients,
-                 strategy=None, precision="float32", jit_compile=False):
+                 strategy=None, precision="float32", jit_compile=False, grad_accum_steps=1, ema=None):
         super().__init__(name="runner")
+        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be a positive integer, got {grad_accum_steps!r}")
+        if ema is not None and not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {ema!r}")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
+        self.grad_accum_steps = grad_accum_steps
+        self.ema_decay = ema
         dtype = compute_dtype(precision)
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
             self._create_variables()
             self.loss_scale = LossScale() if dtype == tf.float16 else None
+            self.guard = Guard(optimizer.step, self.loss_scale)
         if dtype != tf.float32:
             if compute_gradients is not tape_gradients:
                 raise ValueError(f"precision {precision} computes its own gradients: pass no compute_gradients")
@@ -138,8 +137,10 @@ class Runner(tf.Module):
                              f"{self.strategy.num_replicas_in_sync} replicas runs it uncompiled")
         compiled = (lambda step: tf.function(step, jit_compile=True)) if jit_compile else (lambda step: step)
         self.step, self.evaluation_step = compiled(self.train_step), compiled(self.eval_step)
+        self.accumulation_step = compiled(self.accumulate_step)
         self.train = tf.function(self._train)
         self.evaluate = tf.function(self._evaluate)
+        self.accumulation = self.ema = None
         self.built = False
 
     def _create_variables(self):
@@ -149,18 +150,14 @@ class Runner(tf.Module):
         self.window_loss, self.window_accuracy = Mean(), Accuracy()
         self.eval_loss, self.eval_accuracy = Mean(), Accuracy()
         # Where the run is: completed epochs, batches consumed in the current epoch, learning rate
-        # used by the latest step. The loop writes the first two at checkpoints.
+        # used by the latest update. The loop writes the first two at checkpoints.
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
         self.learning_rate = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="learning_rate")
-        # The NaN guard's record: first bad step (-1: none), which tensor, its learning rate. Written only
-        # from all-reduced values, so every replica records the same thing.
-        self.bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="bad_step")
-        self.bad_index = tf.Variable(-1, dtype=tf.int32, trainable=False, name="bad_index")
-        self.bad_learning_rate = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="bad_learning_rate")
 
     def build(self, input_shape):
-        """Creates the model's variables and the optimizer's slots, eagerly (before any tracing)."""
+        """Creates the model's variables, the optimizer's slots and the stages' variables, eagerly (before any
+        tracing)."""
         if self.built:
             return
         with self.strategy.scope():
@@ -170,11 +167,43 @@ class Runner(tf.Module):
         self.trainable = list(self.model.trainable_variables)
         if not self.trainable:
             raise ValueError("the model has no trainable variables")
+        with self.strategy.scope():
+            # The latest applied gradients (the all-reduced ones, the same on every replica), for TensorBoard.
+            self.last_gradients = [
+                tf.Variable(tf.zeros_like(variable), trainable=False, name="last_gradient",
+                            synchronization=tf.VariableSynchronization.ON_READ,
+                            aggregation=tf.VariableAggregation.MEAN) for variable in self.trainable]
+            if self.grad_accum_steps > 1:
+                self.accumulation = GradientSum(self.grad_accum_steps, self.trainable)
+            if self.ema_decay is not None:
+                self.ema = MovingAverage(self.ema_decay, self.trainable)
         # Checked after each update: weights and moving statistics. Not the optimizer's slots: an
         # overflowing Adam v leaves the weights finite (a stall, not a NaN) and would double the cost.
-        self.guarded = _unique([variable for variable in self.model.variables if variable.dtype.is_floating])
+        self.guard.watch(_unique([variable for variable in self.model.variables if variable.dtype.is_floating]))
         self.names = self._variable_names()
         self.built = True
+
+    def state(self):
+        """{name: trackable}: everything a checkpoint saves and restores for this run to continue bit for bit."""
+        state = {"model": self.model, "optimizer": self.optimizer, "epoch": self.epoch,
+                 "step_in_epoch": self.step_in_epoch, "learning_rate": self.learning_rate,
+                 "metrics": tf.train.Checkpoint(train_loss=self.train_loss, train_accuracy=self.train_accuracy,
+                                                window_loss=self.window_loss, window_accuracy=self.window_accuracy)}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    def averaged_weights(self):
+        """A context in which the model holds the weights evaluation and export use: the moving averages with
+        `ema`, else its own (nothing changes)."""
+        return self.ema.swapped_in(self.trainable) if self.ema is not None else contextlib.nullcontext()
+
+    def named_gradients(self):
+        """[(variable name, its latest applied gradient)] in the model's order, e.g. ('dense_1/w', g)."""
+        return [(self.variable_name(variable), gradient)
+                for variable, gradient in zip(self.trainable, self.last_gradients)]
 
     def prepare(self, element_spec, mode="train", source=None):
         """Builds from a dataset's element_spec, then traces `mode`'s function once for any batch size
@@ -204,8 +233,11 @@ class Runner(tf.Module):
         return distribute.distribute_batches(self.strategy, dataset, exact=mode == "train")
 
     def _train(self, iterator, num_steps):
-        """Runs `num_steps` steps on the next `num_steps` batches of `iterator`, every replica on its slice."""
+        """Runs `num_steps` updates, each on the next K batches of `iterator`, every replica on its slice."""
         for _ in tf.range(num_steps):
+            if self.grad_accum_steps > 1:
+                for _ in tf.range(self.grad_accum_steps - 1):
+                    self.strategy.run(self.accumulation_step, args=(next(iterator),))
             self.strategy.run(self.step, args=(next(iterator),))
 
     def _evaluate(self, iterator):
@@ -219,67 +251,69 @@ class Runner(tf.Module):
         if self.strategy.num_replicas_in_sync > 1:
             distribute.settle(self.model.variables)
 
-    # ----------------------------------------------------------------------------------- one step
+    # ------------------------------------------------------------------------------------- stages
 
-    def train_step(self, batch):
-        """One guarded update. Returns True if applied.
-
-            step   = optimizer.step + 1,  lr = schedule(step - 1)
-            L, logits, g = compute_gradients(model, loss_fn, x, labels, w)    on this replica's slice
-            L, g   <- all_reduce_gradients(L, g)          sum_r L_r / k, sum_r g_r / k: the global batch's
-            w      <- optimizer.apply(g, w)               only if L and every g are finite and no earlier
-                                                          step recorded a non-finite value (float16 loss
-                                                          scaling: else skip the update, halve the scale)
-            metrics += (L, accuracy(labels, logits))      weighted by N
-            record (step, lr, which tensor) if L, a g, or a variable after the update is not finite
-
-        Every collective (these all-reduces, sync batch norm's) sits outside the tf.conds: every replica
-        reaches each one on every step, and the conds branch on all-reduced values, so all replicas take
-        the same branch. Once a non-finite value is recorded, later steps still compute (and BatchNorm's
-        moving statistics still move) but change nothing else; the loop stops at its next read of the record.
-        """
-        images, labels = batch
-        step = self.optimizer.step + 1
-        learning_rate = tf.cast(self.optimizer.current_learning_rate(), tf.float32)
+    def gradients(self, images, labels):
+        """L, logits, [dL/dw_i] on this replica's slice, by `compute_gradients`."""
         loss, logits, gradients = self.compute_gradients(self.model, self.loss_fn, images, labels, self.trainable)
         for gradient, variable in zip(gradients, self.trainable):
             if gradient is None:
                 raise ValueError(f"{self.variable_name(variable)} gets no gradient from the loss")
-        loss, gradients = distribute.all_reduce_gradients(loss, list(gradients))
-        checked = [loss] + gradients
-        finite = _finite_flags(checked)
-        healthy = self.bad_step < 0
-        applied = tf.logical_and(healthy, tf.reduce_all(finite))
+        return loss, logits, list(gradients)
+
+    def record_metrics(self, loss, labels, logits):
+        """The epoch's and the log window's loss (weighted by N) and accuracy += this batch's."""
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        for mean_loss, accuracy in ((self.train_loss, self.train_accuracy), (self.window_loss, self.window_accuracy)):
+            mean_loss.update(loss, weight=count)
+            accuracy.update(labels, logits)
+
+    def apply(self, gradients, first):
+        """w <- optimizer.apply(g, w); then the moving average of w; keeps g for TensorBoard."""
+        self.optimizer.apply(gradients, self.trainable)
+        if self.ema is not None:
+            self.ema.update(self.trainable, first)
+        for kept, gradient in zip(self.last_gradients, gradients):
+            kept.assign(gradient)
+
+    # ----------------------------------------------------------------------------------- one step
+
+    def accumulate_step(self, batch):
+        """One of the first K - 1 batches of an update: its gradients into the sum, its figures into the metrics."""
+        images, labels = batch
+        loss, logits, gradients = self.gradients(images, labels)
+        self.accumulation.add(loss, gradients)
+        self.record_metrics(loss, labels, logits)
+
+    def train_step(self, batch):
+        """The last batch of an update, and the guarded update. Returns True if applied.
+
+            step = optimizer.step + 1,  lr = schedule(step - 1)
+            L, logits, g = gradients(x, labels)            this replica's slice
+            L, g = accumulation.mean(L, g)                 with K > 1: the mean over the update's K batches
+            L, g = all_reduce_gradients(L, g)              sum_r L_r / k, sum_r g_r / k: the global batch's
+            guard: if L, every g and the record are finite:
+                apply(g): w <- optimizer.apply(g, w), ema, kept g;   lr and metrics recorded
+            record (step, lr, which tensor) if L, a g, or a variable after the update is not finite
+
+        Once a non-finite value is recorded, later steps still compute (and BatchNorm's moving statistics still
+        move) but change nothing else; the loop stops at its next read of the record (core/guard.py).
+        """
+        images, labels = batch
+        step = self.optimizer.step + 1
+        learning_rate = tf.cast(self.optimizer.current_learning_rate(), tf.float32)
+        batch_loss, logits, gradients = self.gradients(images, labels)
+        loss = batch_loss
+        if self.accumulation is not None:
+            loss, gradients = self.accumulation.mean(loss, gradients)
+        loss, gradients = distribute.all_reduce_gradients(loss, gradients)
 
         def update():
-            self.optimizer.apply(gradients, self.trainable)
+            self.apply(gradients, first=tf.equal(step, 1))
             self.learning_rate.assign(learning_rate)
-            count = tf.cast(tf.shape(labels)[0], tf.float32)
-            for mean_loss, accuracy in ((self.train_loss, self.train_accuracy),
-                                        (self.window_loss, self.window_accuracy)):
-                mean_loss.update(loss, weight=count)
-                accuracy.update(labels, logits)
-            return _finite_flags(self.guarded)
+            self.record_metrics(batch_loss, labels, logits)
 
-        state = distribute.on_every_replica(
-            tf.cond(applied, update, lambda: tf.ones([len(self.guarded)], tf.bool)))
-        if self.loss_scale is not None:
-            # float16: overflowing gradients skip the update (the step still counts) and halve the loss scale.
-            overflow = tf.logical_and(healthy, tf.logical_not(tf.reduce_all(finite)))
-            self.loss_scale.update(tf.reduce_all(finite))
-            self.optimizer.step.assign_add(tf.cast(overflow, self.optimizer.step.dtype))
-            finite = tf.ones_like(finite)
-
-        def record_bad():
-            index = tf.cond(tf.reduce_all(finite), lambda: len(checked) + _first_false(state),
-                            lambda: _first_false(finite))
-            self.bad_step.assign(step)
-            self.bad_index.assign(index)
-            self.bad_learning_rate.assign(learning_rate)
-            return tf.constant(False)
-
-        failed = tf.logical_and(healthy, tf.logical_not(tf.reduce_all(finite) & tf.reduce_all(state)))
-        return tf.cond(failed, record_bad, lambda: applied)
+        return self.guard(step, learning_rate, [loss] + gradients, update)
 
     def eval_step(self, batch):
         """logits = model(x, training=False); adds the batch's loss and accuracy to the eval metrics."""
@@ -297,4 +331,4 @@ class Runner(tf.Module):
             return "loss"
         if index <= len(self.trainable):
             return f"gradient of {self.variable_name(self.trainable[index - 1])}"
-        return f"{self.variable_name(self.guarded[index - 1 - len(self.trainable)])} after the update"
+        return f"{self.variable_name(self.guard.guarded[index - 1 - len(self.trainable)])} after the update"

@@ -1,24 +1,26 @@
 """The training loop in plain Python: epochs, log points, checkpoints, callbacks, the progress bar.
 
-    trainer = Trainer(model, Adam(schedule), checkpoint_dir="runs/conv/ckpt", checkpoint_every=500,
-                      steps_per_loop=50)
+    runner = Runner(model, Adam(schedule))                      the model, the optimizer and the step
+    trainer = Trainer(runner, checkpoint_dir="runs/conv/ckpt", checkpoint_every=500, steps_per_loop=50)
     history = trainer.fit(lambda epoch: training_batches(train, 128, seed, epoch), epochs=10,
                           validation_data=evaluation_batches(test))
 
 The trainer knows no data set and no model: any Sequential (logits out) and any dataset of
 (images, labels) batches. The math lives in core/runner.py's Runner (a tf.Module): its compiled
-`train(iterator, num_steps)` runs `num_steps` steps of
+`train(iterator, num_steps)` runs `num_steps` updates of
 
     logits = model(x, training=True)                  x [N, ...], labels [N] int
     L      = loss_fn(logits, labels)                  scalar, stable cross-entropy on logits
     g      = dL/dw                                    GradientTape over model.trainable_variables
     w      <- optimizer.apply(g, w)                   step += 1, learning rate = schedule(step)
 
-in one call, traced once, adding L and the batch's accuracy to metric variables. This loop picks each
-call's length: `steps_per_loop`, cut short so that log points (every `log_every` steps), checkpoints
-(every `checkpoint_every` steps) and epoch ends fall on call boundaries; whatever steps_per_loop is, the
+in one call, traced once, adding L and the batch's accuracy to metric variables (with grad_accum_steps K,
+g is the mean over K batches and an update consumes K batches). Steps count updates. This loop picks each
+call's length: `steps_per_loop`, cut short so that log points (every `log_every` updates), checkpoints
+(every `checkpoint_every` updates) and epoch ends fall on call boundaries; whatever steps_per_loop is, the
 same steps run in the same order, so it changes speed, never results. Python reads variables only at
-those boundaries, never per step.
+those boundaries, never per step. What a checkpoint holds is the runner's `state()` plus this loop's
+history (and early stopping's record).
 
 Guarding the math: in the same compiled step, L, every gradient and (after the update) every model variable
 are checked with is_finite. The first non-finite value records its step, learning rate and which tensor
@@ -36,10 +38,9 @@ from core import data
 from core.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointUnreadableError
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
-from core.losses import softmax_cross_entropy
-from core.runner import Runner, tape_gradients
+from core.runner import Runner
 
-__all__ = ["Trainer", "History", "Callback", "EarlyStopping", "NonFiniteError", "CheckpointMismatchError",
+__all__ = ["Trainer", "Runner", "History", "Callback", "EarlyStopping", "NonFiniteError", "CheckpointMismatchError",
            "CheckpointUnreadableError"]
 
 
@@ -114,39 +115,33 @@ def _check_positive(name, value, none_ok=False):
 
 
 class Trainer:
-    """Trains a Sequential model with a hand-written optimizer; see the module docstring.
+    """Runs a Runner's compiled updates in epochs, with log points, checkpoints and callbacks; see the module
+    docstring. The runner holds the model, the optimizer and the step (core/runner.py).
 
     Args:
-      model: a Sequential (or any tf.Module with build(input_shape), __call__(x, training) -> logits).
-      optimizer: SGD/Adam from core.optimizers (build(variables), apply(gradients, variables), step,
-        current_learning_rate()).
-      loss_fn: (logits [N, C], labels [N]) -> scalar mean loss.
+      runner: a core.runner.Runner (model, optimizer, loss, gradients, strategy, precision, stages).
       callbacks: Callback-like objects (any subset of the four hooks).
-      log_every: steps between log points (history, callbacks' on_log, progress postfix, NaN check).
+      log_every: updates between log points (history, callbacks' on_log, progress postfix, NaN check).
       checkpoint_dir: where checkpoints live; fit() resumes from it when it holds one.
-      checkpoint_every: also save every that many steps (None: only at the end of each epoch).
+      checkpoint_every: also save every that many updates (None: only at the end of each epoch).
       keep_checkpoints: how many checkpoints to keep.
       progress: show a progress bar per epoch (tqdm, on a terminal only).
-      steps_per_loop: most steps per compiled call (fewer up to the next log point, checkpoint or epoch end).
-      compute_gradients: the Runner's gradient function (default: GradientTape).
-      strategy: a tf.distribute strategy (default: none); the model must be constructed under its scope.
-        Batches are global batches, split among the replicas. On a worker other than the chief,
-        checkpoints are written to `checkpoint_write_dir` (they must still be written: the save reads
-        every replica) while restores read `checkpoint_dir`, the chief's.
-      checkpoint_write_dir: where this process writes checkpoints (default: checkpoint_dir).
-      precision: float32, mixed_bfloat16 or mixed_float16 (core/precision.py).
-      jit_compile: compile the step with XLA (one replica only).
+      steps_per_loop: most updates per compiled call (fewer up to the next log point, checkpoint or epoch end).
+      checkpoint_write_dir: where this process writes checkpoints (default: checkpoint_dir). On a worker other
+        than the chief of a distributed run, checkpoints are written there (they must still be written: the
+        save reads every replica) while restores read `checkpoint_dir`, the chief's.
       early_stopping: an EarlyStopping (patience, metric, restore_best); its state goes into the checkpoints,
         so a run started with one must be resumed with one of the same kind.
     Defaults come from core.config.TrainingConfig.
     """
 
-    def __init__(self, model, optimizer, loss_fn=softmax_cross_entropy, callbacks=(),
-                 log_every=TrainingConfig.log_every, checkpoint_dir=None, checkpoint_every=None,
-                 keep_checkpoints=TrainingConfig.keep_checkpoints, progress=TrainingConfig.progress,
-                 steps_per_loop=TrainingConfig.steps_per_loop, compute_gradients=tape_gradients, strategy=None,
-                 checkpoint_write_dir=None, precision=TrainingConfig.precision,
-                 jit_compile=TrainingConfig.jit_compile, early_stopping=None):
+    def __init__(self, runner, callbacks=(), log_every=TrainingConfig.log_every, checkpoint_dir=None,
+                 checkpoint_every=None, keep_checkpoints=TrainingConfig.keep_checkpoints,
+                 progress=TrainingConfig.progress, steps_per_loop=TrainingConfig.steps_per_loop,
+                 checkpoint_write_dir=None, early_stopping=None):
+        if not isinstance(runner, Runner):
+            raise ValueError(f"Trainer takes a core.runner.Runner, got {type(runner).__name__}: "
+                             f"Trainer(Runner(model, optimizer), ...)")
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, none_ok=True)
         if checkpoint_every is not None and checkpoint_dir is None:
@@ -155,9 +150,7 @@ class Trainer:
         _check_positive("steps_per_loop", steps_per_loop)
         if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
             raise ValueError(f"early_stopping must be an EarlyStopping, got {type(early_stopping).__name__}")
-        self.runner = Runner(model, optimizer, loss_fn, compute_gradients, strategy, precision, jit_compile)
-        self.model = model
-        self.optimizer = optimizer
+        self.runner = runner
         self.callbacks = list(callbacks)
         self.log_every = log_every
         self.checkpoint_dir = checkpoint_dir
@@ -167,16 +160,20 @@ class Trainer:
         self.progress = progress
         self.steps_per_loop = steps_per_loop
         self.early_stopping = early_stopping
-        # Where the run is (the runner's variables, read at log points and epoch ends).
-        self.epoch = self.runner.epoch
-        self.step_in_epoch = self.runner.step_in_epoch
-        self.learning_rate = self.runner.learning_rate
         self._history_text = tf.Variable("", dtype=tf.string, trainable=False, name="history")
         self.history = History()
         self.concrete_steps = {}  # "train"/"eval" -> the traced ConcreteFunction (its .graph is the loop's graph)
         self.stop_training = False
         self.restored_from = None
         self.checkpointer = None
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def optimizer(self):
+        return self.runner.optimizer
 
     def build(self, input_shape):
         """Creates the model's variables and the optimizer's slots, eagerly (before any tracing)."""
@@ -186,12 +183,12 @@ class Trainer:
 
     def check_finite(self):
         """Raises NonFiniteError if a step recorded a non-finite value (one host read)."""
-        runner = self.runner
-        bad_step = int(runner.bad_step.numpy())
+        runner, guard = self.runner, self.runner.guard
+        bad_step = int(guard.bad_step.numpy())
         if bad_step < 0:
             return
-        raise NonFiniteError(bad_step, float(runner.bad_learning_rate.numpy()),
-                             runner.describe_bad(int(runner.bad_index.numpy())),
+        raise NonFiniteError(bad_step, float(guard.bad_learning_rate.numpy()),
+                             runner.describe_bad(int(guard.bad_index.numpy())),
                              self.checkpointer.latest if self.checkpointer else None)
 
     # ---------------------------------------------------------------------------- checkpoints
@@ -200,17 +197,11 @@ class Trainer:
         """Creates the Checkpointer once and restores the newest checkpoint in checkpoint_dir, if any."""
         if self.checkpoint_dir is None or self.checkpointer is not None:
             return
-        runner = self.runner
-        extra = {} if runner.loss_scale is None else {"loss_scale": runner.loss_scale}
+        extra = {"history": self._history_text}
         if self.early_stopping is not None:
             extra["early_stopping"] = self.early_stopping
-        self.checkpointer = Checkpointer(
-            self.checkpoint_dir, keep=self.keep_checkpoints, write_directory=self.checkpoint_write_dir,
-            model=self.model, optimizer=self.optimizer,
-            epoch=runner.epoch, step_in_epoch=runner.step_in_epoch, learning_rate=runner.learning_rate,
-            metrics=tf.train.Checkpoint(train_loss=runner.train_loss, train_accuracy=runner.train_accuracy,
-                                        window_loss=runner.window_loss, window_accuracy=runner.window_accuracy),
-            history=self._history_text, **extra)
+        self.checkpointer = Checkpointer(self.checkpoint_dir, keep=self.keep_checkpoints,
+                                         write_directory=self.checkpoint_write_dir, **self.runner.state(), **extra)
         self.restored_from = self.checkpointer.restore()
         if self.restored_from:
             self.history = History.from_json(self._history_text.numpy().decode("utf-8"))
@@ -247,9 +238,9 @@ class Trainer:
                          "accuracy": f"{float(runner.train_accuracy.result()):.4g}",
                          "lr": f"{logs['learning_rate']:.4g}"})
 
-    def _loop_length(self, step, step_in_epoch, total):
-        """Steps in the next compiled call: steps_per_loop, cut at the next log point, checkpoint or epoch end."""
-        length = min(self.steps_per_loop, total - step_in_epoch, self.log_every - step % self.log_every)
+    def _loop_length(self, step, update_in_epoch, updates):
+        """Updates in the next compiled call: steps_per_loop, cut at the next log point, checkpoint or epoch end."""
+        length = min(self.steps_per_loop, updates - update_in_epoch, self.log_every - step % self.log_every)
         if self.checkpoint_every:
             length = min(length, self.checkpoint_every - step % self.checkpoint_every)
         return length
@@ -262,6 +253,10 @@ class Trainer:
           same batches for the same epoch), or one Dataset for every epoch (data.batch_source wraps them).
         validation_data: a Dataset of batches evaluated after each epoch, or None.
         steps_per_epoch: stop each epoch after that many batches (None: the whole dataset).
+
+        An epoch makes floor(batches / K) updates of K = runner.grad_accum_steps batches each (a remainder of
+        fewer than K batches is left out). The loop stops only between updates, so every log point, checkpoint
+        and resume falls on an update boundary (runner.step_in_epoch: batches, a multiple of K).
         """
         _check_positive("epochs", epochs)
         _check_positive("steps_per_epoch", steps_per_epoch, none_ok=True)
@@ -281,8 +276,15 @@ class Trainer:
         self.stop_training = False
         self._call("on_train_begin", self)
 
+        accumulate = runner.grad_accum_steps
+        updates = total // accumulate
         step = int(self.optimizer.step.numpy())
         skip = int(runner.step_in_epoch.numpy())
+        if updates < 1:
+            raise ValueError(f"grad_accum_steps={accumulate} needs at least {accumulate} batches per epoch, got {total}")
+        if skip % accumulate:
+            raise ValueError(f"the checkpoint stopped {skip} batches into an epoch, not after a whole update of "
+                             f"grad_accum_steps={accumulate} batches")
         first = epochs if stopping is not None and stopping.stopped else int(runner.epoch.numpy())
         for epoch in range(first, epochs):
             iterator = source.start(epoch, skip)
@@ -290,29 +292,29 @@ class Trainer:
                 runner.train_loss.reset()
                 runner.train_accuracy.reset()
             started = time.monotonic()
-            # A resumed epoch's bar counts the batches still to do, so its rate and ETA stay honest.
-            bar = tqdm(total=total - skip, unit="step", disable=None if self.progress else True, leave=True,
-                       desc=f"epoch {epoch + 1}/{epochs}" + (f" (resumed after step {skip})" if skip else ""))
-            step_in_epoch = skip
+            done = skip // accumulate
+            # A resumed epoch's bar counts the updates still to do, so its rate and ETA stay honest.
+            bar = tqdm(total=updates - done, unit="step", disable=None if self.progress else True, leave=True,
+                       desc=f"epoch {epoch + 1}/{epochs}" + (f" (resumed after step {done})" if skip else ""))
             skip = 0
             try:
-                while step_in_epoch < total and not self.stop_training:
-                    length = self._loop_length(step, step_in_epoch, total)
+                while done < updates and not self.stop_training:
+                    length = self._loop_length(step, done, updates)
                     try:
                         runner.train(iterator, tf.constant(length, tf.int32))
                     except tf.errors.OutOfRangeError:
                         raise ValueError(f"train_data({epoch}) ended before {total} batches") from None
                     step += length
-                    step_in_epoch += length
+                    done += length
                     bar.update(length)
                     if step % self.log_every == 0:
                         self._log_point(step, bar)
                     if (self.checkpoint_every and step % self.checkpoint_every == 0
-                            and step_in_epoch != total and not self.stop_training):
-                        self.save(epoch, step_in_epoch)
+                            and done != updates and not self.stop_training):
+                        self.save(epoch, done * accumulate)
                 self.check_finite()
                 if self.stop_training:
-                    self.save(epoch, step_in_epoch)
+                    self.save(epoch, done * accumulate)
                     break
                 record = self._end_epoch(epoch, step, validation_data, started)
                 if stopping is not None and stopping.update(epoch + 1, record):
@@ -352,11 +354,13 @@ class Trainer:
         return record
 
     def evaluate(self, dataset):
-        """Mean loss and accuracy of the model (training=False) over every batch of `dataset`."""
+        """Mean loss and accuracy of the model (training=False) over every batch of `dataset`, with the weights
+        evaluation uses (the moving averages with the runner's ema)."""
         runner = self.runner
         self.concrete_steps["eval"] = runner.prepare(dataset.element_spec, "eval")
         runner.eval_loss.reset()
         runner.eval_accuracy.reset()
         runner.settle_moving_statistics()
-        runner.evaluate(iter(runner.distribute(dataset, "eval")))
+        with runner.averaged_weights():
+            runner.evaluate(iter(runner.distribute(dataset, "eval")))
         return {"loss": float(runner.eval_loss.result()), "accuracy": float(runner.eval_accuracy.result())}

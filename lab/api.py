@@ -22,7 +22,7 @@ from core.data import Examples
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
 from core.losses import softmax_cross_entropy
-from core.trainer import Trainer
+from core.trainer import Runner, Trainer
 from models import REGISTRY
 
 __all__ = ["Data", "DataNotFound", "mnist", "settings", "build", "fit", "evaluate", "predictions",
@@ -130,16 +130,17 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
     if gradients not in ("tape", "by_hand"):
         raise ValueError(f"gradients must be 'tape' or 'by_hand', got {gradients!r}")
     steps = steps_per_epoch(config, data.train)
-    schedule = learning_rate_schedule(config, steps)
+    schedule = learning_rate_schedule(config, steps // config.grad_accum_steps)  # in updates
     stopping = (EarlyStopping(early_stopping, early_stopping_metric, restore_best)
                 if early_stopping or restore_best else None)
-    trainer = Trainer(model, make_optimizer(config, schedule), callbacks=list(callbacks),
-                      log_every=config.log_every, checkpoint_dir=checkpoint_dir and str(checkpoint_dir),
+    runner = Runner(model, make_optimizer(config, schedule), compute_gradients=names.gradient_function(gradients),
+                    precision=config.precision, jit_compile=config.jit_compile,
+                    grad_accum_steps=config.grad_accum_steps, ema=config.ema)
+    trainer = Trainer(runner, callbacks=list(callbacks), log_every=config.log_every,
+                      checkpoint_dir=checkpoint_dir and str(checkpoint_dir),
                       checkpoint_every=config.checkpoint_every if checkpoint_dir else None,
                       keep_checkpoints=config.keep_checkpoints, progress=progress,
-                      steps_per_loop=config.steps_per_loop,
-                      compute_gradients=names.gradient_function(gradients),
-                      precision=config.precision, jit_compile=config.jit_compile, early_stopping=stopping)
+                      steps_per_loop=config.steps_per_loop, early_stopping=stopping)
     tf.config.experimental.enable_op_determinism()
     return trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), config.epochs,
                        validation_data=batches.evaluation_batches(data.validation), steps_per_epoch=steps)

@@ -18,7 +18,7 @@ import numpy as np
 
 from core import data as batches
 from core import schedules
-from core.trainer import Callback, NonFiniteError, Trainer
+from core.trainer import Callback, NonFiniteError, Runner, Trainer
 from lab.api import REGISTRY, build, make_optimizer, steps_per_epoch
 
 __all__ = ["find_lr", "LRFinderResult", "suggest"]
@@ -117,8 +117,8 @@ def find_lr(model, data, config, steps=300, start=1e-7, end=10.0):
     steps = min(steps, steps_per_epoch(config, data.train))
     schedule = schedules.ExponentialDecay(start, end / start, steps)
     recorder = _Recorder(schedule)
-    trainer = Trainer(network, make_optimizer(config, schedule), callbacks=[recorder], log_every=1,
-                      steps_per_loop=1, progress=False, jit_compile=config.jit_compile)
+    trainer = Trainer(Runner(network, make_optimizer(config, schedule), jit_compile=config.jit_compile),
+                      callbacks=[recorder], log_every=1, steps_per_loop=1, progress=False)
     try:
         trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), 1, steps_per_epoch=steps)
     except NonFiniteError:

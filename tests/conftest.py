@@ -83,13 +83,13 @@ def conv_saved_model(mnist_dir, tmp_path_factory):
 
     from app import export
     from core import data, optimizers
-    from core.trainer import Trainer
+    from core.trainer import Runner, Trainer
     from datasets import idx
     from models import REGISTRY
 
     tf.random.set_seed(1)
     model = REGISTRY["conv"].build(0.0)
-    trainer = Trainer(model, optimizers.Adam(0.003), progress=False)
+    trainer = Trainer(Runner(model, optimizers.Adam(0.003)), progress=False)
     train = idx.load(mnist_dir, "train")
     trainer.fit(lambda epoch: data.training_batches(train, 100, 1, epoch), epochs=1, steps_per_epoch=200)
     run_dir = tmp_path_factory.mktemp("conv")  # as train.py leaves it: the run's settings beside saved_model/

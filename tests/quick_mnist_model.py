@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import data, layers, optimizers
-from core.trainer import Trainer
+from core.trainer import Runner, Trainer
 from datasets import idx
 
 
@@ -38,7 +38,7 @@ def train_quick_model(mnist_dir, steps=300, seed=1):
     tf.random.set_seed(seed)
     model = layers.Sequential([layers.Flatten(), layers.Dense(64), layers.BatchNorm(), layers.Activation("relu"),
                                layers.Dropout(0.2), layers.Dense(10)], name="quick")
-    trainer = Trainer(model, optimizers.Adam(0.005), progress=False)
+    trainer = Trainer(Runner(model, optimizers.Adam(0.005)), progress=False)
     train = idx.load(mnist_dir, "train")
     test = data.evaluation_batches(idx.load(mnist_dir, "test"))
     history = trainer.fit(lambda epoch: data.training_batches(train, 100, seed, epoch),

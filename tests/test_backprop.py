@@ -345,15 +345,15 @@ def test_trainer_with_the_by_hand_gradients_follows_the_tape_in_its_compiled_ste
     update is linear in the gradient; Adam's g / sqrt(v) would magnify the rounding of gradients near 0)."""
     from core import data, optimizers
     from datasets import idx
-    from core.trainer import Trainer
+    from core.trainer import Runner, Trainer
 
     train = idx.load(mnist_dir, "train").take(96)
     weights = {}
     for how, compute_gradients in (("tape", None), ("by_hand", backprop.gradients)):
         tf.random.set_seed(5)
         model = REGISTRY["conv_bn"].build(0.3)
-        trainer = Trainer(model, optimizers.SGD(0.1), progress=False,
-                          **({"compute_gradients": compute_gradients} if compute_gradients else {}))
+        gradients = {"compute_gradients": compute_gradients} if compute_gradients else {}
+        trainer = Trainer(Runner(model, optimizers.SGD(0.1), **gradients), progress=False)
         trainer.fit(lambda epoch: data.training_batches(train, 32, seed=1, epoch=epoch), epochs=1)
         assert trainer.runner.train.experimental_get_tracing_count() == 1
         weights[how] = [v.numpy() for v in model.variables]

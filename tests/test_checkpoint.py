@@ -20,7 +20,7 @@ from core.interrupts import Interrupt, StopOnSignal
 from core.layers import Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
 from core.schedules import ExponentialDecay
-from core.trainer import Callback, Trainer
+from core.trainer import Callback, Runner, Trainer
 from stop_at import StopAt
 
 EXAMPLES, BATCH, STEPS = 256, 32, 8  # 8 steps per epoch
@@ -54,7 +54,8 @@ def make_trainer(directory, seed=1, hidden=32, optimizer="adam", callbacks=(), *
     opt = Adam(schedule) if optimizer == "adam" else SGD(schedule, momentum=0.9)
     kwargs.setdefault("log_every", 3)
     kwargs.setdefault("checkpoint_every", 5)
-    return Trainer(model, opt, callbacks=callbacks, checkpoint_dir=str(directory), progress=False, **kwargs)
+    return Trainer(Runner(model, opt), callbacks=callbacks, checkpoint_dir=str(directory), progress=False,
+                   **kwargs)
 
 
 def stored(path):
@@ -128,7 +129,7 @@ def test_resume_after_a_clean_stop_equals_the_straight_run(straight, tmp_path):
     assert second.restored_from.endswith("ckpt-2")  # ckpt-1 at step 5, ckpt-2 at the end of epoch 1
     assert log_steps[0] == 9  # the step axis continues: 8 steps were done, the next log point is 9
     assert [entry["epoch"] for entry in history.epochs] == [1, 2, 3]
-    assert second.learning_rate.numpy() == pytest.approx(0.01 * 0.6 ** 2)
+    assert second.runner.learning_rate.numpy() == pytest.approx(0.01 * 0.6 ** 2)
     assert_same_state(second.checkpointer.latest, straight[3])
 
 
@@ -276,7 +277,7 @@ def test_a_deeper_model_is_told_what_is_missing(tmp_path):
     make_trainer(tmp_path).fit(train_data, epochs=1)
     tf.random.set_seed(1)
     deeper = Sequential([Flatten(), Dense(32, activation="relu"), Dropout(0.25), Dense(4), Dense(4)])
-    trainer = Trainer(deeper, Adam(0.01), checkpoint_dir=str(tmp_path), progress=False)
+    trainer = Trainer(Runner(deeper, Adam(0.01)), checkpoint_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match=r"variable\(s\) missing from the checkpoint, e\.g\. model/layers/4/b"):
         trainer.fit(train_data, epochs=2)
 

@@ -154,7 +154,7 @@ def fit(strategy, checkpoint_dir, epochs):
     tf.random.set_seed(3)
     with strategy.scope():
         model, optimizer = conv_bn_model(synchronized=True), SGD(0.05)
-    trainer = Trainer(model, optimizer, strategy=strategy, checkpoint_dir=str(checkpoint_dir), progress=False,
+    trainer = Trainer(Runner(model, optimizer, strategy=strategy), checkpoint_dir=str(checkpoint_dir), progress=False,
                       log_every=1)
     data = lambda epoch: batches(examples=48).shuffle(6, seed=epoch, reshuffle_each_iteration=False)  # noqa: E731
     trainer.fit(data, epochs=epochs, steps_per_epoch=3)

@@ -8,7 +8,7 @@ import tensorflow as tf
 from core import data
 from core.layers import Dense, Dropout, Flatten, Sequential
 from core.optimizers import Adam
-from core.trainer import Trainer
+from core.trainer import Runner, Trainer
 from stop_at import StopAt
 
 EXAMPLES, BATCH = 200, 32  # 6 batches per epoch, 8 examples left out
@@ -68,7 +68,7 @@ def test_under_a_strategy_with_several_replicas_the_trainer_asks_for_tf_data_bat
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         model, optimizer = Sequential([Flatten(), Dense(4)]), Adam(0.01)
-    trainer = Trainer(model, optimizer, progress=False, strategy=strategy)
+    trainer = Trainer(Runner(model, optimizer, strategy=strategy), progress=False)
     with pytest.raises(ValueError, match="a batch source gathered inside the loop feeds one replica"):
         trainer.fit(data.GatheredBatches(examples(), BATCH, seed=1), epochs=1)
 
@@ -76,7 +76,7 @@ def test_under_a_strategy_with_several_replicas_the_trainer_asks_for_tf_data_bat
 def run(train_data, directory, epochs=3, callbacks=(), seed=1):
     tf.random.set_seed(seed)
     model = Sequential([Flatten(), Dense(16, activation="relu"), Dropout(0.25), Dense(4)])
-    trainer = Trainer(model, Adam(0.01), callbacks=callbacks, log_every=2, steps_per_loop=4,
+    trainer = Trainer(Runner(model, Adam(0.01)), callbacks=callbacks, log_every=2, steps_per_loop=4,
                       checkpoint_dir=str(directory), progress=False)
     history = trainer.fit(train_data, epochs)
     return [v.numpy() for v in model.variables], [{k: v for k, v in e.items() if k != "seconds"}

@@ -9,7 +9,7 @@ from tensorflow.python.framework import config  # is_/disable_op_determinism are
 from core import data, distribute
 from core.layers import BatchNorm, Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
-from core.trainer import Callback, Trainer
+from core.trainer import Callback, Runner, Trainer
 from stop_at import StopAt
 
 EXAMPLES, BATCH = 256, 32  # 8 batches per epoch
@@ -45,10 +45,9 @@ def run(jit_compile, directory=None, epochs=2, callbacks=(), seed=1, dropout=Tru
     tf.random.set_seed(seed)
     model = Sequential([Flatten(), Dense(16), BatchNorm(), Dense(16, activation="relu")]
                        + ([Dropout(0.25)] if dropout else []) + [Dense(3)])
-    trainer = Trainer(model, optimizer or Adam(0.01), callbacks=callbacks, log_every=2, steps_per_loop=3,
-                      progress=False,
-                      checkpoint_dir=None if directory is None else str(directory), jit_compile=jit_compile,
-                      precision=precision)
+    trainer = Trainer(Runner(model, optimizer or Adam(0.01), jit_compile=jit_compile, precision=precision),
+                      callbacks=callbacks, log_every=2, steps_per_loop=3, progress=False,
+                      checkpoint_dir=None if directory is None else str(directory))
     history = trainer.fit(data.GatheredBatches(examples(), BATCH, seed=3), epochs)
     figures = [{k: v for k, v in e.items() if k != "seconds"} for e in history.epochs]
     return [v.numpy() for v in model.variables], figures, trainer
@@ -75,7 +74,7 @@ def test_the_compiled_evaluation_gives_the_plain_figures_up_to_rounding():
     batches = data.evaluation_batches(data.Examples(*next(iter(examples().batch(EXAMPLES)))), 50)
     figures = []
     for jit in (False, True):
-        trainer = Trainer(trained.model, Adam(0.01), progress=False, jit_compile=jit)
+        trainer = Trainer(Runner(trained.model, Adam(0.01), jit_compile=jit), progress=False)
         figures.append(trainer.evaluate(batches))
         assert compiled_by_xla(trainer.runner.evaluation_step) == jit
     assert figures[1]["accuracy"] == figures[0]["accuracy"] > 0.5
@@ -109,7 +108,7 @@ def test_float16_loss_scaling_compiles_and_skips_the_same_steps():
                          for name in ("scale", "good_steps"))
     # Both: 3 overflowing steps skipped (2^20 -> 2^17), the 13 others applied, and nothing for the NaN guard.
     assert scale == [2 ** 17] * 2 and good_steps == [13] * 2
-    assert [int(trainer.runner.bad_step.numpy()) for trainer in trainers] == [-1, -1]
+    assert [int(trainer.runner.guard.bad_step.numpy()) for trainer in trainers] == [-1, -1]
 
 
 def test_a_strategy_with_several_replicas_is_refused():
@@ -117,4 +116,4 @@ def test_a_strategy_with_several_replicas_is_refused():
     with strategy.scope():
         model, optimizer = Sequential([Flatten(), Dense(3)]), Adam(0.01)
     with pytest.raises(ValueError, match="jit_compile compiles the step of one replica"):
-        Trainer(model, optimizer, strategy=strategy, jit_compile=True)
+        Trainer(Runner(model, optimizer, strategy=strategy, jit_compile=True))

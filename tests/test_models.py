@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import datasets
 from core import data, losses, optimizers
-from core.trainer import Trainer
+from core.trainer import Runner, Trainer
 from datasets import idx
 from keras_twins import KERAS_TWINS, keras_counts
 from models import REGISTRY, ModelSpec, get
@@ -122,7 +122,7 @@ def _short_run(name, mnist, steps, batch_size, optimizer):
     train, test = mnist
     tf.random.set_seed(1)
     model = REGISTRY[name].build(REGISTRY[name].defaults["dropout"])
-    trainer = Trainer(model, optimizer, progress=False)
+    trainer = Trainer(Runner(model, optimizer), progress=False)
     trainer.fit(lambda epoch: data.training_batches(train, batch_size, seed=1, epoch=epoch), epochs=1,
                 steps_per_epoch=steps)
     return trainer.evaluate(data.evaluation_batches(test))["accuracy"]

@@ -126,7 +126,7 @@ def test_mixed_runner_keeps_float32_master_weights_and_slots_and_tracks_the_floa
         runner.train(iter(batches), tf.constant(5))
         assert all(v.dtype == tf.float32 for v in model.variables)
         assert all(slot.dtype == tf.float32 for slot in runner.optimizer.variables if slot.dtype.is_floating)
-        assert int(runner.optimizer.step.numpy()) == 5 and int(runner.bad_step.numpy()) == -1
+        assert int(runner.optimizer.step.numpy()) == 5 and int(runner.guard.bad_step.numpy()) == -1
         runs[precision] = [v.numpy() - s for v, s in zip(model.trainable_variables, start)]
     for mixed, full in zip(runs["mixed_bfloat16"], runs["float32"]):
         # The weights' moves over 5 Adam steps: Adam divides each gradient by its own size, so where bfloat16
@@ -171,9 +171,9 @@ def test_float16_overflow_skips_the_update_halves_the_scale_and_does_not_stop_tr
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))
     assert float(runner.loss_scale.scale.numpy()) == 2.0 ** 39
     assert int(runner.optimizer.step.numpy()) == 1  # a skipped step still counts (schedule, logs, resume)
-    assert int(runner.bad_step.numpy()) == -1  # an overflow under loss scaling is not an error
+    assert int(runner.guard.bad_step.numpy()) == -1  # an overflow under loss scaling is not an error
     runner.train(iterator, tf.constant(39))  # halves until the gradients fit, then trains
     assert float(runner.loss_scale.scale.numpy()) < 2.0 ** 39
     assert int(runner.loss_scale.good_steps.numpy()) > 0
     assert not all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))
-    assert int(runner.bad_step.numpy()) == -1
+    assert int(runner.guard.bad_step.numpy()) == -1

@@ -16,7 +16,7 @@ from PIL import Image
 
 from app import backprop_signature, digits, export
 from core import data, layers, losses, optimizers
-from core.trainer import Trainer
+from core.trainer import Runner, Trainer
 from models import REGISTRY
 from quick_mnist_model import mnist_test_set
 from web import server as web_server
@@ -164,7 +164,7 @@ def test_a_colour_model_takes_a_photo_and_learns_from_it(tmp_path):
     model = REGISTRY["conv"].build(0.0, num_classes=5)
     images, labels = colour_set(96, 1)
     batches = tf.data.Dataset.from_tensor_slices((images.astype(np.float32) / 255, labels.astype(np.int32))).batch(32)
-    Trainer(model, optimizers.Adam(0.003), progress=False).fit(batches, epochs=1)
+    Trainer(Runner(model, optimizers.Adam(0.003)), progress=False).fit(batches, epochs=1)
     inspector = web_server.Inspector(run_directory(model, tmp_path / "colour"))
     assert inspector.about["input_shape"] == [32, 32, 3] and inspector.about["classes"] == 5
     photo = np.zeros((96, 64, 3), np.uint8)     # 96 high: its centre 64x64 is red | blue, the yellow bands go

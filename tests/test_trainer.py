@@ -12,7 +12,7 @@ from core import metrics
 from core.layers import Dense, Dropout, Flatten, Sequential
 from core.losses import softmax_cross_entropy
 from core.optimizers import SGD, Adam
-from core.trainer import Callback, History, NonFiniteError, Trainer
+from core.trainer import Callback, History, NonFiniteError, Runner, Trainer
 
 EXAMPLES, BATCH = 256, 32  # 8 steps per epoch
 
@@ -41,7 +41,7 @@ def small_model(dropout=0.25, hidden=32):
 def make_trainer(seed=1, learning_rate=0.01, optimizer=Adam, **kwargs):
     tf.random.set_seed(seed)
     kwargs.setdefault("progress", False)
-    return Trainer(small_model(), optimizer(learning_rate), **kwargs)
+    return Trainer(Runner(small_model(), optimizer(learning_rate)), **kwargs)
 
 
 def weights(trainer):
@@ -137,7 +137,7 @@ def test_no_host_reads_per_step(monkeypatch):
 def test_schedule_drives_learning_rate_from_optimizer_step():
     tf.random.set_seed(1)
     schedule = lambda step: 0.01 * 0.5 ** tf.floor(tf.cast(step, tf.float32) / 8.0)  # halves every epoch
-    trainer = Trainer(small_model(), Adam(schedule), log_every=4, progress=False)
+    trainer = Trainer(Runner(small_model(), Adam(schedule)), log_every=4, progress=False)
     history = trainer.fit(epochs_of(synthetic()), epochs=3)
     assert [entry["learning_rate"] for entry in history.epochs] == pytest.approx([0.01, 0.005, 0.0025])
     # The rate logged at step 8 is the one step 8 used (schedule(7)); at step 12 it is schedule(11).
@@ -162,7 +162,7 @@ def test_fit_again_continues_the_same_run():
     trainer = make_trainer(log_every=4, callbacks=[StopAtStep()])
     trainer.fit(epochs_of(synthetic()), epochs=1)
     trainer.fit(epochs_of(synthetic()), epochs=3)  # stops at step 12, in the middle of epoch 2
-    assert int(trainer.optimizer.step.numpy()) == 12 and int(trainer.step_in_epoch.numpy()) == 4
+    assert int(trainer.optimizer.step.numpy()) == 12 and int(trainer.runner.step_in_epoch.numpy()) == 4
     trainer.callbacks = []
     history = trainer.fit(epochs_of(synthetic()), epochs=3)
     assert int(trainer.optimizer.step.numpy()) == 24
@@ -198,7 +198,7 @@ def _schedule(good, bad, after):
 def test_huge_learning_rate_stops_at_once_naming_step_and_variable(tmp_path):
     """lr 1e38 from step 6 on overflows the first layer's weights in that very update."""
     tf.random.set_seed(1)
-    trainer = Trainer(small_model(dropout=0), SGD(_schedule(0.001, 1e38, 5)), log_every=4,
+    trainer = Trainer(Runner(small_model(dropout=0), SGD(_schedule(0.001, 1e38, 5))), log_every=4,
                       checkpoint_dir=str(tmp_path), checkpoint_every=2, progress=False)
     with pytest.raises(NonFiniteError) as caught:
         trainer.fit(epochs_of(synthetic(scale=100.0)), epochs=3)
@@ -219,7 +219,7 @@ def test_huge_learning_rate_stops_at_once_naming_step_and_variable(tmp_path):
 def test_non_finite_loss_is_reported_as_loss():
     """With plain inputs lr 1e30 makes finite but huge weights at step 6; step 7's loss overflows."""
     tf.random.set_seed(1)
-    trainer = Trainer(small_model(dropout=0), SGD(_schedule(0.001, 1e30, 5)), log_every=8, progress=False)
+    trainer = Trainer(Runner(small_model(dropout=0), SGD(_schedule(0.001, 1e30, 5))), log_every=8, progress=False)
     with pytest.raises(NonFiniteError, match=r"^non-finite loss at step 7 \(learning rate 1e\+30\)"):
         trainer.fit(epochs_of(synthetic()), epochs=2)
     assert int(trainer.optimizer.step.numpy()) == 6  # the bad step's update was not applied
@@ -237,7 +237,7 @@ def test_non_finite_gradient_names_the_variable_and_skips_the_update():
     def loss_with_nan_gradient(logits, labels):
         return softmax_cross_entropy(logits, labels) + 0.0 * tf.reduce_sum(nan_gradient(model.layers[2].w))
 
-    trainer = Trainer(model, Adam(0.01), loss_fn=loss_with_nan_gradient, log_every=5, progress=False)
+    trainer = Trainer(Runner(model, Adam(0.01), loss_fn=loss_with_nan_gradient), log_every=5, progress=False)
     trainer.build((None, 8, 8, 1))
     before = weights(trainer)
     with pytest.raises(NonFiniteError, match=r"^non-finite gradient of dense_1/w at step 1 \(learning rate 0.01\)"):
@@ -280,7 +280,7 @@ def test_real_mnist_small_convnet_learns(mnist_dir):
     tf.random.set_seed(3)
     model = Sequential([Conv2D(8, 5, strides=2, activation="relu"), Conv2D(16, 5, strides=2, activation="relu"),
                         Flatten(), Dense(10)])
-    trainer = Trainer(model, Adam(0.005), log_every=10, progress=False)
+    trainer = Trainer(Runner(model, Adam(0.005)), log_every=10, progress=False)
     history = trainer.fit(lambda epoch: data.training_batches(train, 64, seed=3, epoch=epoch),
                           epochs=3, validation_data=test)
     assert trainer.runner.train.experimental_get_tracing_count() == 1
@@ -325,7 +325,7 @@ def test_steps_per_loop_changes_no_numbers_and_cuts_loops_at_log_points(monkeypa
 def test_finiteness_flags_are_exact_when_finite_values_overflow_the_sum(compiled):
     """The guard's first stage sums each tensor; a sum of finite values that overflows (3e38 + 3e38) or of
     opposite infinities (NaN) must come back as the elements' own answer."""
-    from core.runner import _finite_flags
+    from core.guard import finite_flags as _finite_flags
 
     tensors = [tf.constant([3e38, 3e38, -1.0]), tf.constant([1.0, np.nan]), tf.constant([np.inf, -np.inf]),
                tf.constant([[0.5, -2.0]]), tf.constant(-np.inf), tf.constant([-3e38, -3e38])]
@@ -338,8 +338,8 @@ def test_nan_guard_inside_one_long_loop():
     """All 8 steps of an epoch in one call: the step-6 overflow is recorded there, steps 7 and 8 do nothing,
     and the epoch end reports it."""
     tf.random.set_seed(1)
-    trainer = Trainer(small_model(dropout=0), SGD(_schedule(0.001, 1e38, 5)), log_every=100, steps_per_loop=100,
-                      progress=False)
+    trainer = Trainer(Runner(small_model(dropout=0), SGD(_schedule(0.001, 1e38, 5))), log_every=100,
+                      steps_per_loop=100, progress=False)
     with pytest.raises(NonFiniteError, match=r"^non-finite dense/w after the update at step 6 "):
         trainer.fit(epochs_of(synthetic(scale=100.0)), epochs=2)
     assert int(trainer.optimizer.step.numpy()) == 6
