@@ -13,6 +13,7 @@ weights held in memory for the page, "Reset" restores the trained model. The Sav
 who can reach this computer can then use the page). The page's API is described in web/server.py.
 Exit codes: 0 stopped with Ctrl-C; 1 a model the page cannot use or a port that cannot be bound; 2 bad flags.
 """
+import dataclasses
 import os
 import sys
 
@@ -23,17 +24,26 @@ from core.native_logs import quiet_native_logs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "SavedModel directory written by train.py (<run dir>/saved_model).")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1 or ::1 keep the page on this computer; "
-                    "0.0.0.0 opens it to every network this computer is on).")
-flags.DEFINE_integer("port", 8000, "Port to listen on; 0 picks a free one.", lower_bound=0, upper_bound=65535)
-flags.DEFINE_integer("max_busy", 4, "Requests prepared or run at once; more are answered 503 (busy).",
-                     lower_bound=1)
-flags.DEFINE_bool("verbose", False, "Print one line per HTTP request.")
-flags.mark_flag_as_required("model_dir")
-flags.register_validator("host", lambda host: bool(host.strip()),
-                         "no address; give 127.0.0.1 (this computer), ::1, or 0.0.0.0 (every network)")
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Which model the page shows and where it listens: one flag per field."""
+    model_dir: str | None = cli.option(None, "SavedModel directory written by train.py (<run dir>/saved_model).",
+                                       required=True)
+    host: str = cli.option("127.0.0.1", "Address to listen on (127.0.0.1 or ::1 keep the page on this computer; "
+                           "0.0.0.0 opens it to every network this computer is on).")
+    port: int = cli.option(8000, "Port to listen on; 0 picks a free one.", bounds=(0, 65535))
+    max_busy: int = cli.option(4, "Requests prepared or run at once; more are answered 503 (busy).", bounds=(1, None))
+    verbose: bool = cli.option(False, "Print one line per HTTP request.")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Declares serve.py's flags on `flag_values` (when it runs: predict.py's --model_dir is another flag)."""
+    cli.define_flags(ServeConfig, flag_values)
+    # absl's own wording ("flag --host=: no address; ..."), which shows the blank value given.
+    flags.register_validator("host", lambda host: bool(host.strip()),
+                             "no address; give 127.0.0.1 (this computer), ::1, or 0.0.0.0 (every network)",
+                             flag_values=flag_values)
 
 PROGRAM = "serve.py"
 
@@ -46,20 +56,26 @@ def main(argv):
     if len(argv) > 1:
         error(f"unexpected arguments {argv[1:]}; give the model with --model_dir")
         return 2
+    return run(cli.from_flags(ServeConfig))
+
+
+def run(config):
+    """Serves the page of config.model_dir until Ctrl-C; returns the exit code (0, or 1 for a model the page
+    cannot use or a port that cannot be bound)."""
     from web import server as web_server
     try:
         with quiet_native_logs(replay_on_error=False):
-            server = web_server.make_server(FLAGS.model_dir, FLAGS.host, FLAGS.port, FLAGS.verbose,
-                                            FLAGS.max_busy)
+            server = web_server.make_server(config.model_dir, config.host, config.port, config.verbose,
+                                            config.max_busy)
     except web_server.ModelError as e:
         error(e)
         return 1
     except OSError as e:
-        error(f"cannot listen on {FLAGS.host}:{FLAGS.port} ({e.strerror or e})")
+        error(f"cannot listen on {config.host}:{config.port} ({e.strerror or e})")
         return 1
     model = server.inspector.description["model"]
     if not server.loopback:
-        print(f"{PROGRAM}: warning: listening on {FLAGS.host} beyond this computer: anyone who can reach it on "
+        print(f"{PROGRAM}: warning: listening on {config.host} beyond this computer: anyone who can reach it on "
               f"port {server.server_address[1]} can use the page", file=sys.stderr, flush=True)
     print(f"Serving {model} from {server.inspector.path} at {server.url}  (Ctrl-C to stop)", flush=True)
     try:
@@ -72,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.flags_parser(PROGRAM))
