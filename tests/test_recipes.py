@@ -277,6 +277,7 @@ def test_recipe_a_model_is_its_file_and_one_entry_and_the_tests_find_it(tmp_path
         by_test = parametrized_names(module)
         assert by_test and all(values == every_model for values in by_test.values()), (path, by_test)
         if path == "test_models.py":
+            module.test_registry_names_are_the_interface()
             module.test_parameter_counts_equal_keras_twin("wide")
             module.test_every_model_takes_other_images_and_classes("wide")
 
