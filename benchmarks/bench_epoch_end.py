@@ -75,8 +75,11 @@ class Clock:
             self.stack.pop()
 
     def wrap(self, owner, name, label, phase=None):
-        """Replaces owner.name by the same function timed as `label`; `phase` (a callable) sets the phase first."""
-        function = getattr(owner, name)
+        """Replaces owner.name by the same function timed as `label`; `phase` (a callable) sets the phase first.
+        A name the code does not have (it moved) leaves its row out of the table."""
+        function = getattr(owner, name, None)
+        if function is None:
+            return
 
         @functools.wraps(function)
         def timed(*args, **kwargs):
@@ -139,7 +142,7 @@ def instrument(clock):
     clock.wrap(console.EpochReport, "on_epoch_end", "console line")
     clock.wrap(summaries.TensorBoard, "on_train_begin", "TensorBoard: graph and hparams")
     clock.wrap(summaries.TensorBoard, "on_epoch_end", "TensorBoard epoch end")
-    clock.wrap(summaries.LastGradients, "layer_norms", "gradient norms")
+    clock.wrap(summaries, "layer_norms", "gradient norms")
     clock.wrap(summaries, "write_histograms", "histograms")
     clock.wrap(summaries.TensorBoard, "_pictures", "prediction pictures")
     clock.wrap(summaries.TensorBoard, "_write_hparam_metrics", "hparams metrics")

@@ -1,7 +1,7 @@
 """Benchmark (not a test): our training step against Keras `model.fit` on the same model, batches and machine.
 
     python benchmarks/bench_vs_keras.py                        # the table, input path, epoch ends, matmul peak
-    python benchmarks/bench_vs_keras.py --time_to_accuracy     # also wall time to 99.0% (conv), 99.4% (conv_bn)
+    python benchmarks/bench_vs_keras.py --time_to_accuracy --cases=conv_bn,conv_bn_mixed   # wall time to 99.4%
     python benchmarks/bench_vs_keras.py --cases=conv --steps=100 --rounds=2     # a quick look
     python benchmarks/bench_vs_keras.py --nojit_compile --noextras   # ours without XLA for every model
 
@@ -31,12 +31,24 @@ validation_data, for one and for two epochs; repetitions alternate the sides and
 t(2 epochs) - t(1 epoch) over the steps of an epoch: the second epoch with its end, start-up cancelled
 (`--whole_process_epochs=1,3` takes two epochs of difference, for models whose epoch is short). The median over
 repetitions counts, after one untimed process per side. `--whole_process_steps=N` cuts each epoch to N steps (a
-quick check of the mode only: the targets need full epochs, ~900 steps of difference).
+quick check of the mode only: the targets need full epochs, ~900 steps of difference). Beside it: each side's share
+of the matmul peak (measured first, in this process), the last epoch's seconds (training and evaluation) as each
+long process reports them (ours train.py's console line, Keras a callback's), per step, so a gap between the wall
+difference and that figure is work outside the epochs (checkpoint, TensorBoard), and the 1-minute load average as
+the timed processes started.
+
+Time to accuracy (`--time_to_accuracy`): each case's two sides, in this process one after the other, train with
+train.py's settings for the model (learning-rate decay included; ours in the case's precision) and evaluate the test
+images after each epoch until the test accuracy reaches the model's target (99.0% conv, 99.4% conv_bn;
+`--accuracy_target` overrides) or `--max_epochs`: the wall time from the start of training (tracing included) to the
+end of that evaluation. A Keras side shared by two cases (conv_bn and conv_bn_mixed: Keras float32) trains once.
+`--accuracy_target=0.9 --accuracy_steps_per_epoch=40 --max_epochs=3` checks the mode in a minute.
 The first line names the CPU, its bfloat16 flags and whether TensorFlow runs oneDNN (on by default only on CPUs with
 AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX; else TF_ENABLE_ONEDNN_OPTS=1).
 The figures go into this command's section of benchmarks/RESULTS.md.
 """
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -68,7 +80,6 @@ TARGETS = {"softmax": 0.5, "dense5": 0.5, "conv": 0.85, "conv_bn": 0.85, "conv_b
            "conv_bn_mixed_keras": 0.85}
 WHOLE_PROCESS_TARGETS = {"softmax": 0.40, "dense5": 0.45, "conv": 0.80, "conv_bn": 0.75, "conv_bn_mixed": 0.50}
 ACCURACY_TARGETS = {"conv": 0.990, "conv_bn": 0.994}
-BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 
 flags.DEFINE_list("cases", list(CASES), f"Cases of the table: {', '.join(CASES)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
@@ -77,8 +88,15 @@ flags.DEFINE_integer("steps_per_loop", None, "Our steps per compiled call (defau
 flags.DEFINE_bool("jit_compile", None, "Our step compiled with XLA or not, for every case (default: each model's "
                   "setting, as train.py). Keras keeps its default: no XLA on a CPU.")
 flags.DEFINE_bool("extras", True, "Also measure the input path, the epoch-end work and the matmul peak.")
-flags.DEFINE_bool("time_to_accuracy", False, "Also train conv and conv_bn (ours and Keras, same settings) "
-                  "until their test accuracy target; long.")
+flags.DEFINE_bool("time_to_accuracy", False, "Instead of the in-process table: train each case (ours and its Keras "
+                  "side, train.py's settings), evaluate after each epoch, the wall time to the test accuracy target "
+                  "(99.0% conv, 99.4% conv_bn); long.")
+flags.DEFINE_float("accuracy_target", None, "Time to accuracy: this target for every case instead of the model's "
+                   "(a low one, with --accuracy_steps_per_epoch, checks the mode quickly).", lower_bound=0,
+                   upper_bound=1)
+flags.DEFINE_integer("max_epochs", 15, "Time to accuracy: give up after this many epochs.", lower_bound=1)
+flags.DEFINE_integer("accuracy_steps_per_epoch", None, "Time to accuracy: steps per epoch (default: full "
+                     "epochs); small values only check the mode.", lower_bound=1)
 flags.DEFINE_list("levers", [], "Extra columns: our step with each lever of bench_levers.py (formulas, "
                   "formula_bn, formula_relu_bias, adam_op, s2d), alternated in the same rounds.")
 flags.DEFINE_bool("whole_process", False, "Instead of the in-process table: each side a fresh process for one and "
@@ -96,30 +114,6 @@ FLAGS = flags.FLAGS
 
 
 # ------------------------------------------------------------------------------------------ the machine
-
-def cpu_flags():
-    """(model name, {flag: present}) for the flags that decide bfloat16 speed."""
-    name, present = "unknown CPU", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return name, {flag: False for flag in BF16_FLAGS}
-    for line in text.splitlines():
-        if line.startswith("model name") and name == "unknown CPU":
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            break
-    return name, {flag: flag in present for flag in BF16_FLAGS}
-
-
-def onednn(tf):
-    """"oneDNN on" / "oneDNN off" as this TensorFlow decided, with TF_ENABLE_ONEDNN_OPTS if it is set."""
-    from tensorflow.python.util import _pywrap_util_port
-    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    return (f"oneDNN {'on' if _pywrap_util_port.IsMklEnabled() else 'off'}"
-            + (f" (TF_ENABLE_ONEDNN_OPTS={setting})" if setting is not None else " (TensorFlow's default)"))
-
 
 def matmul_peak(tf, dtype, n=1024, rounds=5, repeats=5):
     """Best GFLOP/s of an n x n x n tf.matmul in `dtype` (2 n^3 flops per product)."""
@@ -169,6 +163,7 @@ def compiled(name):
 
 class OneBatch:
     """A batch source (like data.GatheredBatches) that gives the same batch every step: no input work at all."""
+    in_loop = True  # read inside the compiled loop, as GatheredBatches
 
     def __init__(self, images, labels, steps):
         self.images, self.labels, self.steps = images, labels, steps
@@ -191,11 +186,9 @@ class Ours:
     `batches` (a batch source such as data.GatheredBatches, or a tf.data.Dataset)."""
 
     def __init__(self, tf, name, precision, seed, lever=None):
-        from app.summaries import LastGradients
         from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward
         from core import optimizers
-        from core.runner import tape_gradients
-        from core.trainer import Trainer
+        from core.trainer import Runner, Trainer
         from models import REGISTRY
 
         defaults = settings(name)
@@ -210,15 +203,8 @@ class Ours:
         optimizer = {"adam": AdamOp if lever == "adam_op" else optimizers.Adam, "sgd": optimizers.SGD}[
             defaults["optimizer"]](defaults["learning_rate"])
         options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
-        if precision != "float32":
-            options["precision"] = precision
-        options["jit_compile"] = compiled(name)
-        if precision == "float32":  # as train.py: TensorBoard shows the last step's gradients
-            self.last_gradients = LastGradients(self.model)
-            options["compute_gradients"] = self.last_gradients.recording(tape_gradients)
-        else:
-            self.last_gradients = None
-        self.trainer = Trainer(self.model, optimizer, progress=False, **options)
+        runner = Runner(self.model, optimizer, precision=precision, jit_compile=compiled(name))
+        self.trainer = Trainer(runner, progress=False, **options)
         self.epochs = 0
 
     def fit(self, batches, steps=None):
@@ -321,7 +307,7 @@ def epoch_end_seconds(tf, data, name, ours, test, rounds):
     images, labels = next(iter(data.evaluation_batches(test)))
     with tempfile.TemporaryDirectory() as logdir:
         board = TensorBoard(logdir, images, labels, hparams={"model": name}, summaries_every_epochs=every,
-                            gradients=ours.last_gradients)
+                            gradients=True)
         board.on_train_begin(trainer)
         checkpointer = Checkpointer(os.path.join(logdir, "checkpoints"), keep=3, model=ours.model,
                                     optimizer=trainer.optimizer)
@@ -349,79 +335,94 @@ def epoch_end_seconds(tf, data, name, ours, test, rounds):
 
 # ------------------------------------------------------------------------------------ time to accuracy
 
-def time_to_accuracy(tf, data, train, test, name, seed, max_epochs=30):
-    """{"ours": (seconds, epochs), "keras": (...)}: wall time of training plus one test evaluation per epoch
-    until the test accuracy reaches ACCURACY_TARGETS[name], with the model's defaults (learning-rate decay
-    included); (None, epochs) if it did not within max_epochs."""
+def time_to_accuracy(tf, data, train, test, side, case, target, max_epochs, steps_per_epoch, seed):
+    """[(seconds, test accuracy)] after each epoch of one side ("ours" or "keras") training `case` with train.py's
+    settings for the model (batch size, optimizer, learning-rate decay, dropout; ours in the case's precision,
+    Keras in its dtype policy), until the test accuracy reaches `target` or after `max_epochs` epochs. Seconds
+    are wall time from the start of training (tracing included) to the end of that epoch's evaluation of the test
+    images; each side evaluates with its own fit (ours Trainer.fit's validation_data, Keras's validation_data)."""
     import keras
 
-    from core import optimizers, schedules
+    from core import names, optimizers
     from core.config import TrainingConfig
-    from core.trainer import Callback, Trainer
+    from core.trainer import Callback, Runner, Trainer
     from models import REGISTRY
 
-    defaults = settings(name)
-    target = ACCURACY_TARGETS[name]
-    batch = defaults["batch_size"]
-    steps = len(train) // batch
+    _, name, batch, precision, policy = CASES[case]
     config = TrainingConfig(**REGISTRY[name].settings)
+    steps = steps_per_epoch or len(train) // batch
+    schedule = names.learning_rate_schedule(config, steps)
+    validation = data.evaluation_batches(test)
+    epochs = []
+    if side == "ours":
+        class Record(Callback):
+            def on_epoch_end(self, epoch, step, logs):
+                epochs.append((time.perf_counter() - started, logs["val_accuracy"]))
+                trainer.stop_training = logs["val_accuracy"] >= target
 
-    def learning_rate_schedule():
-        """train.py's rule: lr_min + learning_rate * lr_decay ^ (step / k), k one epoch (floored) or K steps."""
-        if config.lr_decay is None:
-            return schedules.Constant(config.learning_rate)
-        period, staircase = (steps, True) if config.lr_decay_steps == "epoch" else (config.lr_decay_steps, False)
-        return schedules.ExponentialDecay(config.learning_rate, config.lr_decay, period, staircase=staircase,
-                                          minimum=config.lr_min)
+        tf.random.set_seed(seed)
+        model = REGISTRY[name].build(config.dropout)
+        optimizer = {"adam": optimizers.Adam, "sgd": optimizers.SGD}[config.optimizer](schedule)
+        trainer = Trainer(Runner(model, optimizer, precision=precision, jit_compile=compiled(name)),
+                          callbacks=[Record()], progress=False)
+        started = time.perf_counter()
+        trainer.fit(data.GatheredBatches(train, batch, seed), max_epochs, validation_data=validation,
+                    steps_per_epoch=steps_per_epoch)
+        return epochs
 
-    def make_optimizer(schedule):
-        return {"adam": optimizers.Adam, "sgd": optimizers.SGD}[config.optimizer](schedule)
+    class Rate(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):  # Keras asks for the rate of update k + 1 with its k updates done, as ours
+            return schedule(step)
 
-    out = {}
-
-    class Stop(Callback):
-        def on_epoch_end(self, epoch, step, logs):
-            if logs["val_accuracy"] >= target:
-                trainer.stop_training = True
-
-    tf.random.set_seed(seed)
-    model = REGISTRY[name].build(defaults["dropout"])
-    trainer = Trainer(model, make_optimizer(learning_rate_schedule()), callbacks=[Stop()], progress=False)
+    theirs = Theirs(name, policy, seed)
+    theirs.model.compile(optimizer={"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[config.optimizer](
+        Rate()), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     started = time.perf_counter()
-    history = trainer.fit(data.GatheredBatches(train, batch, seed), max_epochs,
-                          validation_data=data.evaluation_batches(test))
-    reached = history.epochs[-1]["val_accuracy"] >= target
-    out["ours"] = (time.perf_counter() - started if reached else None, len(history.epochs))
-
-    keras.utils.set_random_seed(seed)
-    from keras_twins import KERAS_TWINS
-    twin = KERAS_TWINS[name]()
-    rate = learning_rate_schedule()
-
-    class KerasRate(keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            return rate(step)
-
-    twin.compile(optimizer=keras.optimizers.Adam(KerasRate()) if config.optimizer == "adam"
-                 else keras.optimizers.SGD(KerasRate()),
-                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    started = time.perf_counter()
-    out["keras"] = (None, max_epochs)
-    for epoch in range(max_epochs):
-        twin.fit(data.training_batches(train, batch, seed, epoch), epochs=1, verbose=0, shuffle=False)
-        _, accuracy = twin.evaluate(data.evaluation_batches(test), verbose=0)
-        if accuracy >= target:
-            out["keras"] = (time.perf_counter() - started, epoch + 1)
+    for epoch in range(max_epochs):  # one fit per epoch: each epoch's batches as ours (data.training_batches)
+        batches = data.training_batches(train, batch, seed, epoch)
+        history = theirs.model.fit(batches.take(steps) if steps_per_epoch else batches, validation_data=validation,
+                                   initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False)
+        epochs.append((time.perf_counter() - started, history.history["val_accuracy"][-1]))
+        if epochs[-1][1] >= target:
             break
-    return out
+    return epochs
+
+
+def accuracy_table(tf, data, train, test):
+    """Markdown rows of --time_to_accuracy: for each case, ours and its Keras side (each Keras side trained once)."""
+    rows = ["| model, batch | target | ours: seconds (epochs) | Keras: seconds (epochs) | ours / Keras | "
+            "test accuracy after each epoch (ours; Keras) | seconds at each epoch end (ours; Keras) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    keras_runs = {}
+    for key in FLAGS.cases:
+        _, name, _, _, policy = CASES[key]
+        target = FLAGS.accuracy_target or ACCURACY_TARGETS[name]
+        runs = {"ours": time_to_accuracy(tf, data, train, test, "ours", key, target, FLAGS.max_epochs,
+                                         FLAGS.accuracy_steps_per_epoch, FLAGS.seed)}
+        if (name, policy) not in keras_runs:
+            keras_runs[name, policy] = time_to_accuracy(tf, data, train, test, "keras", key, target,
+                                                        FLAGS.max_epochs, FLAGS.accuracy_steps_per_epoch, FLAGS.seed)
+        runs["keras"] = keras_runs[name, policy]
+        reached = {side: next(((s, n + 1) for n, (s, a) in enumerate(run) if a >= target), None)
+                   for side, run in runs.items()}
+        cells = [f"{reached[side][0]:.0f} s ({reached[side][1]})" if reached[side]
+                 else f"not reached in {len(runs[side])} epochs" for side in ("ours", "keras")]
+        ratio = f"{reached['ours'][0] / reached['keras'][0]:.2f}" if reached["ours"] and reached["keras"] else "-"
+        accuracies = "; ".join(", ".join(f"{100 * a:.2f}" for _, a in runs[side]) for side in ("ours", "keras"))
+        seconds = "; ".join(", ".join(f"{s:.0f}" for s, _ in runs[side]) for side in ("ours", "keras"))
+        rows.append(f"| {CASES[key][0]} | {100 * target:.2f}% | {cells[0]} | {cells[1]} | {ratio} | {accuracies} | "
+                    f"{seconds} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- whole process
 
 def keras_process(case, epochs, steps_per_epoch):
     """The Keras side of --whole_process, in its own process: model.fit for `epochs` epochs with the test images as
-    validation_data, as a user of Keras trains."""
+    validation_data, as a user of Keras trains; prints each epoch's seconds."""
     import keras
+
     import datasets
     from core import data
     from datasets import idx
@@ -433,12 +434,27 @@ def keras_process(case, epochs, steps_per_epoch):
     batches = data.training_batches(train, batch, FLAGS.seed, 0)
     if steps_per_epoch:
         batches = batches.take(steps_per_epoch)
+
+    class EpochSeconds(keras.callbacks.Callback):
+        """Prints each epoch's seconds (training and validation), as train.py's console line ends."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            print(f"epoch {epoch + 1}/{epochs}  {time.perf_counter() - self.started:.2f} s", flush=True)
+
     theirs.model.fit(batches, epochs=epochs, validation_data=data.evaluation_batches(test), verbose=0,
-                     shuffle=False)
+                     shuffle=False, callbacks=[EpochSeconds()])
+
+
+LOADS = []  # the 1-minute load average as each timed process starts
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+ .*?([\d.]+) s$")  # both sides' console line of an epoch's end
 
 
 def process_seconds(side, case, epochs, steps_per_epoch, logdir):
-    """Wall seconds of one fresh process training `case` for `epochs` epochs: ours train.py, or Keras's fit."""
+    """(wall seconds, [seconds of each epoch, training and evaluation, as the process reports them]) of one fresh
+    process training `case` for `epochs` epochs: ours train.py, or Keras's fit."""
     _, name, batch, precision, _ = CASES[case]
     steps = [f"--steps_per_epoch={steps_per_epoch}"] if steps_per_epoch else []
     if side == "ours":
@@ -449,13 +465,14 @@ def process_seconds(side, case, epochs, steps_per_epoch, logdir):
         command = [sys.executable, str(Path(__file__).resolve()), f"--cases={case}",
                    f"--keras_process_epochs={epochs}", f"--data_dir={FLAGS.data_dir}", f"--seed={FLAGS.seed}"]
         command += [f"--whole_process_steps={steps_per_epoch}"] if steps_per_epoch else []
+    LOADS.append(os.getloadavg()[0])
     started = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=3600)
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=3600)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{side} {case} ({epochs} epochs) failed with exit code {done.returncode}: "
                          f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
-    return seconds
+    return seconds, [float(match[2]) for match in map(EPOCH_LINE.match, done.stdout.splitlines()) if match]
 
 
 def whole_process(case, train_count):
@@ -465,32 +482,65 @@ def whole_process(case, train_count):
     short, long = (int(epochs) for epochs in FLAGS.whole_process_epochs)
     steps = (FLAGS.whole_process_steps or train_count // batch) * (long - short)
     seconds = {(side, epochs): [] for side in ("ours", "keras") for epochs in (short, long)}
+    last_epochs = {"ours": [], "keras": []}  # each long process's last epoch, as it reports it
     order = list(seconds)
     with tempfile.TemporaryDirectory() as logdir:
         for side in ("ours", "keras"):  # untimed: the first process reads TensorFlow and the data from disk
             process_seconds(side, case, 1, FLAGS.whole_process_steps or 1, logdir)
         for repetition in range(FLAGS.repetitions):
             for side, epochs in (order if repetition % 2 == 0 else order[::-1]):
-                seconds[side, epochs].append(process_seconds(side, case, epochs, FLAGS.whole_process_steps, logdir))
+                wall, epoch_seconds = process_seconds(side, case, epochs, FLAGS.whole_process_steps, logdir)
+                seconds[side, epochs].append(wall)
+                if epochs == long:
+                    last_epochs[side] += epoch_seconds[-1:]
     return {side: [1000 * (two - one) / steps for one, two in zip(seconds[side, short], seconds[side, long])]
-            for side in ("ours", "keras")}, seconds, steps
+            for side in ("ours", "keras")}, seconds, steps, last_epochs
 
 
-def whole_process_table(lines, train_count):
+def peak_share(tf, name, batch, dtype, ms_per_step, peaks):
+    """The step's training FLOPs per second over the `dtype` matmul peak (peaks: {dtype: GFLOP/s})."""
+    from models import REGISTRY
+    tf.random.set_seed(FLAGS.seed)  # the weights are drawn (op determinism asks for a seed); only shapes count
+    model = REGISTRY[name].build(settings(name)["dropout"])
+    model.build((None, 28, 28, 1))
+    return training_flops(model, tf) * batch / (ms_per_step / 1000) / 1e9 / peaks[dtype]
+
+
+def peak_line(tf):
+    """({dtype: GFLOP/s}, the line that says them): the matmul peak in float32 and bfloat16."""
+    peaks = {dtype: matmul_peak(tf, getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
+    return peaks, (f"matmul peak (1024x1024x1024, best of 5): float32 {peaks['float32']:.1f} GFLOP/s, bfloat16 "
+                   f"{peaks['bfloat16']:.1f} GFLOP/s (bfloat16 / float32 = {peaks['bfloat16'] / peaks['float32']:.2f})"
+                   f"; load average {results.load()}")
+
+
+def whole_process_table(tf, lines, train_count):
     short, long = FLAGS.whole_process_epochs
+    peaks, line = peak_line(tf)
+    print(line, flush=True)
     table = ["| model, batch | steps of difference | ours ms/step (median) | Keras ms/step (median) | ours / Keras | "
-             f"target | ours per repetition | Keras per repetition | seconds, {short} and {long} epochs "
-             "(ours; Keras) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"target | share of matmul peak (ours; Keras) | ours per repetition | Keras per repetition | seconds, "
+             f"{short} and {long} epochs (ours; Keras) | last epoch as each process reports it: ms/step, training "
+             "and evaluation (ours; Keras) | load average during the processes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in FLAGS.cases:
-        per_step, seconds, steps = whole_process(key, train_count)
+        _, name, batch, precision, policy = CASES[key]
+        LOADS.clear()
+        per_step, seconds, steps, last_epochs = whole_process(key, train_count)
+        epoch_steps = steps // (int(long) - int(short))
+        reported = "; ".join(f"{1000 * statistics.median(last_epochs[side]) / epoch_steps:.2f}"
+                             if last_epochs[side] else "-" for side in ("ours", "keras"))
         mine, theirs = statistics.median(per_step["ours"]), statistics.median(per_step["keras"])
+        dtypes = ["float32" if setting == "float32" else "bfloat16" for setting in (precision, policy)]
+        shares = "; ".join(f"{100 * peak_share(tf, name, batch, dtype, ms, peaks):.0f}%"
+                           for dtype, ms in zip(dtypes, (mine, theirs)))
         spans = "; ".join(", ".join(f"{statistics.median(values):.1f}" for (who, _), values in seconds.items()
                                     if who == side) for side in ("ours", "keras"))
         table.append(f"| {CASES[key][0]} | {steps} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} | "
-                     f"<= {WHOLE_PROCESS_TARGETS.get(key, TARGETS[key])} | "
+                     f"<= {WHOLE_PROCESS_TARGETS.get(key, TARGETS[key])} | {shares} | "
                      f"{', '.join(f'{t:.2f}' for t in per_step['ours'])} | "
-                     f"{', '.join(f'{t:.2f}' for t in per_step['keras'])} | {spans} |")
+                     f"{', '.join(f'{t:.2f}' for t in per_step['keras'])} | {spans} | {reported} | "
+                     f"{min(LOADS):.1f} to {max(LOADS):.1f} |")
         print(table[-1], flush=True)
     return lines + ["\n".join(table), f"{FLAGS.repetitions} alternated repetitions per side; the median counts."]
 
@@ -518,24 +568,33 @@ def main(argv):
     tf.config.experimental.enable_op_determinism()
     data_dir = datasets.prepare(FLAGS.data_dir, "mnist", download=False, progress=False)
     train, test = idx.load(data_dir, "train"), idx.load(data_dir, "test")
-    cpu, bf16 = cpu_flags()
+    cpu, bf16 = results.cpu_flags()
     load_before = os.getloadavg()[0]
     lines = [f"CPU: {cpu}; flags: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in bf16.items())
-             + f"; {onednn(tf)}; TensorFlow {tf.__version__}; load average {load_before:.1f} at the start"]
+             + f"; {results.onednn()}; TensorFlow {tf.__version__}; load average {results.load()} at the start"]
     print(lines[0], flush=True)
     if FLAGS.whole_process:
-        body = whole_process_table(lines, len(train))
+        body = whole_process_table(tf, lines, len(train))
         body.append(f"Load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
         print("\n" + "\n\n".join(body[1:]))
         results.record("Whole process: ours train.py against Keras model.fit, each a fresh process", "\n\n".join(body))
         return
+    if FLAGS.time_to_accuracy:
+        missing = [key for key in FLAGS.cases if CASES[key][1] not in ACCURACY_TARGETS and not FLAGS.accuracy_target]
+        if missing:
+            raise app.UsageError(f"no accuracy target for {', '.join(missing)}: pass --accuracy_target")
+        rows = accuracy_table(tf, data, train, test)
+        body = lines + ["\n".join(rows), f"Load average {results.load()} at the end; each side trained once, in "
+                        f"this process, the cases one after another (seed {FLAGS.seed})."]
+        print("\n" + "\n\n".join(body[1:]))
+        results.record("Time to test accuracy: ours against Keras, same model, settings and batches",
+                       "\n\n".join(body))
+        return
 
     peaks = {}
     if FLAGS.extras:
-        peaks = {dtype: matmul_peak(tf, getattr(tf, dtype)) for dtype in ("float32", "bfloat16")}
-        lines.append(f"matmul peak (1024x1024x1024, best of 5): float32 {peaks['float32']:.1f} GFLOP/s, "
-                     f"bfloat16 {peaks['bfloat16']:.1f} GFLOP/s (bfloat16 / float32 = "
-                     f"{peaks['bfloat16'] / peaks['float32']:.2f})")
+        peaks, line = peak_line(tf)
+        lines.append(line)
         print(lines[-1], flush=True)
 
     levers = "".join(f" ours {lever} ms/step | {lever} / Keras |" for lever in FLAGS.levers)
@@ -572,15 +631,6 @@ def main(argv):
     body = ["\n".join(lines), "\n".join(table)]
     if FLAGS.extras:
         body.append("\n".join(extras))
-    if FLAGS.time_to_accuracy:
-        rows = ["| model | target | ours: seconds (epochs) | Keras: seconds (epochs) |", "| --- | --- | --- | --- |"]
-        for name in ACCURACY_TARGETS:
-            out = time_to_accuracy(tf, data, train, test, name, FLAGS.seed)
-            cells = [f"{s:.0f} s ({e})" if s is not None else f"not reached in {e} epochs"
-                     for s, e in (out["ours"], out["keras"])]
-            rows.append(f"| {name} | {100 * ACCURACY_TARGETS[name]:.1f}% | {cells[0]} | {cells[1]} |")
-            print(rows[-1], flush=True)
-        body.append("\n".join(rows))
     body.append(f"Load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
                 f"{FLAGS.rounds} alternated rounds of {FLAGS.steps} steps per side, the best counts.")
     print("\n" + "\n\n".join(body[1:]))
