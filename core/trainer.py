@@ -281,7 +281,8 @@ class Trainer:
         step = int(self.optimizer.step.numpy())
         skip = int(runner.step_in_epoch.numpy())
         if updates < 1:
-            raise ValueError(f"grad_accum_steps={accumulate} needs at least {accumulate} batches per epoch, got {total}")
+            raise ValueError(f"grad_accum_steps={accumulate} needs at least {accumulate} batches per epoch, "
+                             f"got {total}")
         if skip % accumulate:
             raise ValueError(f"the checkpoint stopped {skip} batches into an epoch, not after a whole update of "
                              f"grad_accum_steps={accumulate} batches")

@@ -154,3 +154,33 @@ def test_bad_decays_are_one_line_errors():
     with pytest.raises(FlagError, match=r"^--ema must be in \[0, 1\), got 1$"):
         make_config({"model": "dense", "ema": 1.0})
     assert "ema" in __import__("app.settings").settings.RESUME_KEYS
+
+
+def test_train_py_evaluates_and_exports_the_averaged_weights(small_mnist, tmp_path):
+    """train.py --model=softmax --ema=0.5: the SavedModel's probabilities and the reported test accuracy are those
+    of the averages in the checkpoint, by hand, not of the raw weights saved beside them."""
+    import train
+    from app import export
+    from quick_mnist_model import mnist_test_set
+    config = train.make_config({"model": "softmax", "epochs": 1, "steps_per_epoch": 12, "batch_size": 16,
+                                "learning_rate": 0.5, "ema": 0.5, "data_dir": small_mnist,
+                                "logdir": str(tmp_path), "run_name": "ema", "progress": False})
+    metrics = train.run(config, out=lambda line: None)
+    reader = tf.train.load_checkpoint(str(tmp_path / "ema" / "checkpoints"))
+    stored = {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()}
+    averages = {value.ndim: value for key, value in stored.items() if key.startswith("ema/averages/")}
+    weights = ("/w/.ATTRIBUTES/VARIABLE_VALUE", "/b/.ATTRIBUTES/VARIABLE_VALUE")
+    raw = {value.ndim: value for key, value in stored.items() if key.startswith("model/") and key.endswith(weights)}
+    images, labels = mnist_test_set(small_mnist)
+    x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+    def probabilities(by_rank):
+        logits = x @ by_rank[2] + by_rank[1]
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    expected = probabilities(averages)
+    assert np.max(np.abs(expected - probabilities(raw))) > 0.01  # the averages are another model
+    served, classes = export.Classifier(metrics["saved_model"][0])(images)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert metrics["test_accuracy"] == pytest.approx(float(np.mean(expected.argmax(axis=1) == labels)))

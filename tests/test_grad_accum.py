@@ -128,3 +128,25 @@ def test_bad_accumulation_settings_are_one_line_errors():
     with pytest.raises(ValueError, match=r"^grad_accum_steps=5 needs at least 5 batches per epoch, got 4$"):
         Trainer(Runner(model(), Adam(0.01), grad_accum_steps=5), progress=False).fit(batches(64), epochs=1)
     assert "grad_accum_steps" in __import__("app.settings").settings.RESUME_KEYS
+
+
+def test_two_replicas_accumulate_and_average_as_one():
+    """Mirrored on two logical CPUs, K = 2 and --ema: each replica sums its slices' gradients (no collective), the
+    update all-reduces their mean once; the weights and averages match one replica's to float32 rounding, and
+    both replicas hold the same values."""
+    from core import distribute
+    strategy = distribute.make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    results = []
+    for using in (strategy, tf.distribute.get_strategy()):
+        with using.scope():
+            runner = Runner(model(), Adam(0.01), strategy=using, grad_accum_steps=2, ema=0.9)
+        Trainer(runner, progress=False, steps_per_loop=3).fit(lambda epoch: batches(16), epochs=1)
+        assert int(runner.optimizer.step.numpy()) == 8
+        results.append([v.numpy() for v in list(runner.model.trainable_variables) + list(runner.ema.averages)])
+        if using is strategy:
+            for variable in runner.ema.averages:
+                first, second = (value.numpy() for value in using.experimental_local_results(variable))
+                assert np.array_equal(first, second)
+    for mirrored, single in zip(*results):
+        np.testing.assert_allclose(mirrored, single, rtol=1e-6, atol=5e-7)
