@@ -145,3 +145,45 @@ def test_a_strategy_splits_tf_data_batches_and_refuses_a_gathered_source():
         np.testing.assert_array_equal(labels.values[replica].numpy(), expected_labels[rows])
     with pytest.raises(ValueError, match="a batch source gathered inside the loop feeds one replica"):
         data.batch_source(data.GatheredBatches(train, BATCH, seed=2), strategy)
+
+
+# ------------------------------------------------------------------------------------------- Trainer.fit
+
+class Listed:
+    """A batch source of its own (neither gathered nor a TFDataBatches): epoch e's batches are those of
+    training_batches(train, B, 9, e), read from a tf.data iterator that start() makes."""
+    in_loop = False
+
+    def __init__(self, train):
+        self.train = train
+        self.element_spec = data.training_batches(train, BATCH, 9, 0).element_spec
+        self.steps = len(train) // BATCH
+
+    def start(self, epoch, skip=0):
+        return iter(data.training_batches(self.train, BATCH, 9, epoch).skip(skip))
+
+
+def trained_weights(train_data, epochs=2):
+    """The weights of a small model trained by Trainer.fit(train_data, epochs) from the same start."""
+    from core.layers import Dense, Flatten, Sequential
+    from core.optimizers import Adam
+    from core.trainer import Runner, Trainer
+
+    tf.random.set_seed(1)
+    model = Sequential([Flatten(), Dense(7)])
+    Trainer(Runner(model, Adam(0.01)), log_every=6, progress=False).fit(train_data, epochs)
+    return [variable.numpy() for variable in model.variables]
+
+
+def test_fit_trains_from_any_batch_source_as_from_its_tf_data_batches():
+    train = examples()
+    expected = trained_weights(lambda epoch: data.training_batches(train, BATCH, 9, epoch))
+    for value, expected_value in zip(trained_weights(Listed(train)), expected):
+        np.testing.assert_array_equal(value, expected_value)
+
+
+def test_every_epoch_has_the_batches_of_the_first():
+    """steps is the source's: an epoch that ends before it is an error, not a shorter epoch."""
+    batches = examples().dataset().batch(BATCH, drop_remainder=True)
+    with pytest.raises(ValueError, match=r"train_data\(1\) ended before 6 batches"):
+        trained_weights(lambda epoch: batches if epoch == 0 else batches.take(4))
