@@ -279,7 +279,8 @@ class Runner(tf.Module):
     # ----------------------------------------------------------------------------------- one step
 
     def accumulate_step(self, batch):
-        """One of the first K - 1 batches of an update: its gradients into the sum, its figures into the metrics."""
+        """One of the first K - 1 batches of an update: its gradients into the sum, its figures into the metrics
+        (unguarded: they count even when the update is then skipped, a float16 overflow)."""
         images, labels = batch
         loss, logits, gradients = self.gradients(images, labels)
         self.accumulation.add(loss, gradients)
