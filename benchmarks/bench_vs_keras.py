@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vs_keras.py                        # the table, input path, epoch ends, matmul peak
     python benchmarks/bench_vs_keras.py --time_to_accuracy --cases=conv_bn,conv_bn_mixed   # wall time to 99.4%
+    python benchmarks/bench_vs_keras.py --whole_process --cases=softmax,dense5,conv,conv_bn,conv_bn_mixed
     python benchmarks/bench_vs_keras.py --cases=conv --steps=100 --rounds=2     # a quick look
     python benchmarks/bench_vs_keras.py --nojit_compile --noextras   # ours without XLA for every model
 
@@ -25,17 +26,18 @@ share is its training FLOPs per second (3 x the forward pass's multiply-adds x 2
 Levers: `--levers=formulas` adds a column per lever, our step with it (bench_levers.py's names: formulas puts
 every layer on its formula, fused=False, as before the fast paths), alternated in the same rounds.
 
-Whole process (`--whole_process`), as a user pays it: each side a fresh process, ours `train.py` (evaluation on the
-test images, TensorBoard summaries, checkpoints and export), Keras `model.fit` with the test images as
-validation_data, for one and for two epochs; repetitions alternate the sides and the order. The cost per step is
-t(2 epochs) - t(1 epoch) over the steps of an epoch: the second epoch with its end, start-up cancelled
-(`--whole_process_epochs=1,3` takes two epochs of difference, for models whose epoch is short). The median over
-repetitions counts, after one untimed process per side. `--whole_process_steps=N` cuts each epoch to N steps (a
-quick check of the mode only: the targets need full epochs, ~900 steps of difference). Beside it: each side's share
-of the matmul peak (measured first, in this process), the last epoch's seconds (training and evaluation) as each
-long process reports them (ours train.py's console line, Keras a callback's), per step, so a gap between the wall
-difference and that figure is work outside the epochs (checkpoint, TensorBoard), and the 1-minute load average as
-the timed processes started.
+Whole process (`--whole_process`), as a user pays it: each side a fresh process, ours `train.py` (evaluation on the test
+images, TensorBoard summaries, checkpoints and export), Keras `model.fit` with the test images as validation_data, for a
+and for b epochs; repetitions alternate the sides and the order. The cost per step is t(b epochs) - t(a epochs) over the
+steps of b - a epochs: those epochs with their ends, start-up cancelled. (a, b) is (1, 2), and more epochs of difference
+for models whose epoch is short (WHOLE_PROCESS_EPOCHS: softmax 1, 21; dense5 1, 11; conv 1, 3), so that they take
+seconds well above the start-up's jitter; `--whole_process_epochs=a,b` sets them for every case. The median over
+repetitions counts, after one untimed process per side. `--whole_process_steps=N` cuts each epoch to N steps (a quick
+check of the mode only: the targets need full epochs, ~900 steps of difference). Beside it: each side's share of the
+matmul peak (measured first, in this process), the last epoch's seconds (training and evaluation) as each long process
+reports them (ours train.py's console line, Keras a callback's), per step, so a gap between the wall difference and that
+figure is work outside the epochs (checkpoint, TensorBoard), and the 1-minute load average as the timed processes
+started.
 
 Time to accuracy (`--time_to_accuracy`): each case's two sides, in this process one after the other, train with
 train.py's settings for the model (learning-rate decay included; ours in the case's precision) and evaluate the test
@@ -79,6 +81,9 @@ CASES = {
 TARGETS = {"softmax": 0.5, "dense5": 0.5, "conv": 0.85, "conv_bn": 0.85, "conv_bn_mixed": 0.6,
            "conv_bn_mixed_keras": 0.85}
 WHOLE_PROCESS_TARGETS = {"softmax": 0.40, "dense5": 0.45, "conv": 0.80, "conv_bn": 0.75, "conv_bn_mixed": 0.50}
+# The epoch counts (a, b) whose difference is timed, so that b - a epochs take seconds well above a process's
+# start-up jitter: softmax's epoch is ~0.2 s of steps, dense5's ~1 s, conv's 468 steps; the rest (1, 2).
+WHOLE_PROCESS_EPOCHS = {"softmax": (1, 21), "dense5": (1, 11), "conv": (1, 3)}
 ACCURACY_TARGETS = {"conv": 0.990, "conv_bn": 0.994}
 
 flags.DEFINE_list("cases", list(CASES), f"Cases of the table: {', '.join(CASES)}.")
@@ -102,8 +107,8 @@ flags.DEFINE_list("levers", [], "Extra columns: our step with each lever of benc
 flags.DEFINE_bool("whole_process", False, "Instead of the in-process table: each side a fresh process for one and "
                   "two full epochs with evaluation (ours train.py), the difference per step.")
 flags.DEFINE_integer("repetitions", 3, "Whole process: alternated repetitions per side and epoch count.")
-flags.DEFINE_list("whole_process_epochs", ["1", "2"], "Whole process: the two epoch counts whose difference is "
-                  "timed (e.g. 1,3 for conv's 468-step epochs: ~900 steps of difference).")
+flags.DEFINE_list("whole_process_epochs", None, "Whole process: the two epoch counts a,b whose difference is timed, "
+                  "for every case (default: each case's, WHOLE_PROCESS_EPOCHS, else 1,2).")
 flags.DEFINE_integer("whole_process_steps", None, "Whole process: steps per epoch (default: full epochs); small "
                      "values only check that the mode runs.")
 flags.DEFINE_integer("keras_process_epochs", None, "Internal: run the Keras side of --whole_process for this many "
@@ -475,11 +480,18 @@ def process_seconds(side, case, epochs, steps_per_epoch, logdir):
     return seconds, [float(match[2]) for match in map(EPOCH_LINE.match, done.stdout.splitlines()) if match]
 
 
+def whole_process_epochs(case):
+    """(a, b): the epoch counts whose wall times' difference --whole_process takes for `case`."""
+    if FLAGS.whole_process_epochs:
+        return tuple(int(epochs) for epochs in FLAGS.whole_process_epochs)
+    return WHOLE_PROCESS_EPOCHS.get(case, (1, 2))
+
+
 def whole_process(case, train_count):
     """{side: [ms per step, one per repetition]}: (t(b epochs) - t(a epochs)) / steps of b - a epochs, each side a
-    fresh process, the sides and epoch counts alternated ((a, b) = --whole_process_epochs, default (1, 2))."""
+    fresh process, the sides and epoch counts alternated ((a, b) = whole_process_epochs(case))."""
     batch = CASES[case][2]
-    short, long = (int(epochs) for epochs in FLAGS.whole_process_epochs)
+    short, long = whole_process_epochs(case)
     steps = (FLAGS.whole_process_steps or train_count // batch) * (long - short)
     seconds = {(side, epochs): [] for side in ("ours", "keras") for epochs in (short, long)}
     last_epochs = {"ours": [], "keras": []}  # each long process's last epoch, as it reports it
@@ -515,19 +527,19 @@ def peak_line(tf):
 
 
 def whole_process_table(tf, lines, train_count):
-    short, long = FLAGS.whole_process_epochs
     peaks, line = peak_line(tf)
     print(line, flush=True)
-    table = ["| model, batch | steps of difference | ours ms/step (median) | Keras ms/step (median) | ours / Keras | "
-             f"target | share of matmul peak (ours; Keras) | ours per repetition | Keras per repetition | seconds, "
-             f"{short} and {long} epochs (ours; Keras) | last epoch as each process reports it: ms/step, training "
+    table = ["| model, batch | epochs a, b | steps of difference | ours ms/step (median) | Keras ms/step (median) | "
+             "ours / Keras | target | share of matmul peak (ours; Keras) | ours per repetition | Keras per repetition "
+             "| seconds, a and b epochs (ours; Keras) | last epoch as each process reports it: ms/step, training "
              "and evaluation (ours; Keras) | load average during the processes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- " * 13 + "|"]
     for key in FLAGS.cases:
         _, name, batch, precision, policy = CASES[key]
         LOADS.clear()
         per_step, seconds, steps, last_epochs = whole_process(key, train_count)
-        epoch_steps = steps // (int(long) - int(short))
+        short, long = whole_process_epochs(key)
+        epoch_steps = steps // (long - short)
         reported = "; ".join(f"{1000 * statistics.median(last_epochs[side]) / epoch_steps:.2f}"
                              if last_epochs[side] else "-" for side in ("ours", "keras"))
         mine, theirs = statistics.median(per_step["ours"]), statistics.median(per_step["keras"])
@@ -536,8 +548,8 @@ def whole_process_table(tf, lines, train_count):
                            for dtype, ms in zip(dtypes, (mine, theirs)))
         spans = "; ".join(", ".join(f"{statistics.median(values):.1f}" for (who, _), values in seconds.items()
                                     if who == side) for side in ("ours", "keras"))
-        table.append(f"| {CASES[key][0]} | {steps} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} | "
-                     f"<= {WHOLE_PROCESS_TARGETS.get(key, TARGETS[key])} | {shares} | "
+        table.append(f"| {CASES[key][0]} | {short}, {long} | {steps} | {mine:.2f} | {theirs:.2f} | "
+                     f"{mine / theirs:.2f} | <= {WHOLE_PROCESS_TARGETS.get(key, TARGETS[key])} | {shares} | "
                      f"{', '.join(f'{t:.2f}' for t in per_step['ours'])} | "
                      f"{', '.join(f'{t:.2f}' for t in per_step['keras'])} | {spans} | {reported} | "
                      f"{min(LOADS):.1f} to {max(LOADS):.1f} |")
@@ -559,8 +571,9 @@ def main(argv):
     unknown = [case for case in FLAGS.cases if case not in CASES]
     if unknown:
         raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    if len(FLAGS.whole_process_epochs) != 2 or not all(e.isdigit() and int(e) > 0 for e in FLAGS.whole_process_epochs) \
-            or int(FLAGS.whole_process_epochs[0]) >= int(FLAGS.whole_process_epochs[1]):
+    given = FLAGS.whole_process_epochs
+    if given is not None and (len(given) != 2 or not all(e.isdigit() and int(e) > 0 for e in given)
+                              or int(given[0]) >= int(given[1])):
         raise app.UsageError(f"--whole_process_epochs takes two epoch counts a < b, got "
                              f"{','.join(FLAGS.whole_process_epochs)}")
     if FLAGS.keras_process_epochs:
