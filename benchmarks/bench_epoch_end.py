@@ -221,13 +221,12 @@ def main():
     total = time.perf_counter() - STARTED
     if code:
         raise SystemExit(f"train.py ended with exit code {code}")
-    head = f"Machine: {results.machine()}"
     rows = table(clock, total, imports, FLAGS.epochs)
     late = [(phase, name, count) for (phase, name), count in sorted(clock.traces.items()) if phase != "start"]
     traces = ("Traces after the start: " + "; ".join(f"{name} x{count} ({phase})" for phase, name, count in late)
               if late else "Traces after the start: none (no tf.function retraces at an epoch end).")
-    body = "\n\n".join([head, "\n".join(rows), summary(clock, imports, FLAGS.epochs), traces])
-    print("\n" + body)
+    body = "\n\n".join(["\n".join(rows), summary(clock, imports, FLAGS.epochs), traces])
+    print(f"\nMachine: {results.machine()}\n\n{body}")  # record() writes the machine beside the section
     results.record(f"Where a train.py run of {FLAGS.model} ({FLAGS.precision}) spends its time, seconds per phase",
                    body)
 

@@ -57,8 +57,8 @@ def machine():
     the end, as one line."""
     import tensorflow as tf
     cpu, bf16 = cpu_flags()
-    present = ", ".join(flag for flag, on in bf16.items() if on) or "none"
-    return (f"{cpu}, {os.cpu_count()} cores (flags {present} of {', '.join(BF16_FLAGS)}), {onednn()}, "
+    flags = ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in bf16.items())
+    return (f"{cpu}, {os.cpu_count()} cores ({flags}), {onednn()}, "
             f"TensorFlow {tf.__version__}, {datetime.date.today().isoformat()}, load average {load()} (1, 5, 15 "
             f"min) at the end (the cores may be shared)")
 
