@@ -104,7 +104,7 @@ class TrainingConfig:
     batch_size: int = setting(128, "Images per training step.", _positive_int, math=True, per_model=True)
     epochs: int = setting(10, "Number of epochs (passes over the training images).", _positive_int,
                           per_model=True, hparam=True)
-    steps_per_epoch: int | None = setting(None, "Stop each epoch after this many steps, for quick runs "
+    steps_per_epoch: int | None = setting(None, "Stop each epoch after this many batches, for quick runs "
                                           "(None: a full pass).", _optional_positive_int, math=True,
                                           per_model=True, none_means=0)
     optimizer: str = setting("adam", "Optimizer.", math=True, per_model=True, choices=names.OPTIMIZERS.keys())
@@ -122,7 +122,7 @@ class TrainingConfig:
                              per_model=True)
     seed: int = setting(1, "Random seed: initial weights, shuffling, dropout. The same seed gives bit-identical "
                         "runs on the same machine.", _seed, math=True)
-    log_every: int = setting(100, "Steps between log points (scalars, progress figures, NaN check).",
+    log_every: int = setting(100, "Updates (steps) between log points (scalars, progress figures, NaN check).",
                              _positive_int)
     checkpoint_every: int | None = setting(None, "Also save a checkpoint every this many steps (None: only at "
                                            "the end of each epoch).", _optional_positive_int)

@@ -1,7 +1,7 @@
 """Early stopping and the best epoch's weights, as state the checkpoint keeps.
 
     stopping = EarlyStopping(patience=3, metric="val_loss", restore_best=True)
-    Trainer(model, optimizer, early_stopping=stopping).fit(...)
+    Trainer(Runner(model, optimizer), early_stopping=stopping).fit(...)
 
 After each epoch the trainer calls `update(epoch, record)` before it saves the epoch's checkpoint:
 
