@@ -123,6 +123,9 @@ def make_config(values, registry=None):
     if config.cpu_devices is not None and config.strategy != "mirrored":
         raise FlagError("--cpu_devices splits the CPU into the replicas of --strategy=mirrored; add that or drop "
                         "--cpu_devices")
+    if config.ema is not None and config.restore_best:
+        raise FlagError("--restore_best keeps the best epoch's raw weights, --ema evaluates and exports the averages: "
+                        "drop one of them")
     if config.sync_batch_norm and config.strategy == "default":
         raise FlagError("--sync_batch_norm shares batch statistics among replicas; it needs --strategy=mirrored "
                         "or multi_worker")

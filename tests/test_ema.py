@@ -153,6 +153,8 @@ def test_bad_decays_are_one_line_errors():
         TrainingConfig(ema=-0.1)
     with pytest.raises(FlagError, match=r"^--ema must be in \[0, 1\), got 1$"):
         make_config({"model": "dense", "ema": 1.0})
+    with pytest.raises(FlagError, match=r"^--restore_best keeps the best epoch's raw weights, --ema evaluates"):
+        make_config({"model": "dense", "ema": 0.9, "restore_best": True})
     assert "ema" in __import__("app.settings").settings.RESUME_KEYS
 
 
