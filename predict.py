@@ -46,6 +46,7 @@ class PredictConfig:
 
 
 cli.define_flags(PredictConfig)
+flags.adopt_module_key_flags(cli)  # --help lists them as predict.py's
 FLAGS = flags.FLAGS
 
 

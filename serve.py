@@ -40,6 +40,7 @@ class ServeConfig:
 def define_flags(flag_values=flags.FLAGS):
     """Declares serve.py's flags on `flag_values` (when it runs: predict.py's --model_dir is another flag)."""
     cli.define_flags(ServeConfig, flag_values)
+    flags.adopt_module_key_flags(cli, flag_values=flag_values)  # --help lists them as serve.py's
     # absl's own wording ("flag --host=: no address; ..."), which shows the blank value given.
     flags.register_validator("host", lambda host: bool(host.strip()),
                              "no address; give 127.0.0.1 (this computer), ::1, or 0.0.0.0 (every network)",

@@ -45,6 +45,7 @@ def define_flags(flag_values=flags.FLAGS):
     """Declares train.py's flags on `flag_values` (the global FLAGS, or a fresh FlagValues in tests): one per
     RunConfig field, checked as the flags are parsed, plus the three that print and exit."""
     cli.define_flags(RunConfig, flag_values, per_model_note=FROM_MODEL)
+    flags.adopt_module_key_flags(cli, flag_values=flag_values)  # --help lists them as train.py's
     flags.DEFINE_bool("summary", False, "Print the model (layers, formulas, parameter counts) and its "
                       "training settings, then exit.", flag_values=flag_values)
     flags.DEFINE_bool("find_lr", False, "Run the learning-rate range test from the model's initial weights, "
