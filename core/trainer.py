@@ -323,11 +323,13 @@ class Trainer:
             finally:
                 bar.close()
             self.save(epoch + 1, 0)
-            self._call("on_epoch_end", epoch + 1, step, record)
+            with runner.averaged_weights():  # callbacks see the model evaluated (TensorBoard's pictures, histograms)
+                self._call("on_epoch_end", epoch + 1, step, record)
             if self.stop_training:
                 break
         self.history.stopped = self._why_stopped(epochs)
-        self._call("on_train_end", self, self.history)
+        with runner.averaged_weights():
+            self._call("on_train_end", self, self.history)
         return self.history
 
     def _why_stopped(self, epochs):

@@ -70,13 +70,17 @@ def test_the_averages_are_keras_use_ema_numbers():
 
 
 class Weights(Callback):
-    """The trainable weights after every update (log_every=1, steps_per_loop=1)."""
+    """The trainable weights after every update (log_every=1, steps_per_loop=1), and those callbacks see at the
+    last epoch end."""
 
     def __init__(self, network):
-        self.network, self.after = network, []
+        self.network, self.after, self.at_epoch_end = network, [], None
 
     def on_log(self, step, logs):
         self.after.append([variable.numpy() for variable in self.network.trainable_variables])
+
+    def on_epoch_end(self, epoch, step, logs):
+        self.at_epoch_end = [variable.numpy() for variable in self.network.trainable_variables]
 
 
 def forward(weights, images):
@@ -87,6 +91,8 @@ def forward(weights, images):
 
 
 def test_evaluation_uses_the_averaged_weights_and_training_the_raw_ones():
+    """The averages by hand from the weights after each update; the validation figures are theirs, by hand; the
+    epoch-end callbacks (TensorBoard's pictures) see them too; the model trains and ends on its raw weights."""
     network = model()
     runner = Runner(network, Adam(0.01), ema=DECAY)
     recorded = Weights(network)
@@ -99,6 +105,7 @@ def test_evaluation_uses_the_averaged_weights_and_training_the_raw_ones():
     averages = [average.numpy() for average in runner.ema.averages]
     for mine, expected in zip(averages, by_hand):
         np.testing.assert_allclose(mine, expected, rtol=1e-5, atol=1e-6)
+    assert all(np.array_equal(seen, average) for seen, average in zip(recorded.at_epoch_end, averages))
     raw = [variable.numpy() for variable in network.trainable_variables]
     assert all(np.array_equal(now, last) for now, last in zip(raw, recorded.after[-1]))  # evaluation put w back
     assert max(np.max(np.abs(a - w)) for a, w in zip(averages, raw)) > 1e-3  # the two differ
