@@ -67,3 +67,12 @@ def test_the_entry_points_are_thin():
     """Flags -> config -> run(config): the work lives in app/, web/ and core/."""
     for module, most in ((train, 200), (predict, 150), (serve, 150)):
         assert len(open(module.__file__).read().splitlines()) <= most, module.__name__
+
+
+@pytest.mark.parametrize("settings, module", [(RunConfig, train), (predict.PredictConfig, predict),
+                                              (serve.ServeConfig, serve)], ids=lambda s: getattr(s, "__name__", ""))
+def test_help_lists_each_flag_as_the_entry_points_own(settings, module):
+    """absl's --help shows a program's key flags: the flags core.cli declares are adopted by the entry point."""
+    flag_values = flags.FLAGS if module is predict else fresh(settings)
+    key_flags = {flag.name for flag in flag_values.get_key_flags_for_module(module.__name__)}
+    assert {field.name for field in dataclasses.fields(settings)} <= key_flags
