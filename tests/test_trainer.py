@@ -188,6 +188,8 @@ def test_bad_arguments():
         make_trainer(log_every=0)
     with pytest.raises(ValueError, match="epochs"):
         make_trainer().fit(synthetic().batch(BATCH), epochs=0)
+    with pytest.raises(ValueError, match=r"^Trainer takes a core.runner.Runner, got Sequential: Trainer\(Runner\("):
+        Trainer(small_model(), Adam(0.01))
 
 
 def _schedule(good, bad, after):
