@@ -135,7 +135,10 @@ class Runner(tf.Module):
         if jit_compile and self.strategy.num_replicas_in_sync > 1:
             raise ValueError("jit_compile compiles the step of one replica; a strategy with "
                              f"{self.strategy.num_replicas_in_sync} replicas runs it uncompiled")
-        compiled = (lambda step: tf.function(step, jit_compile=True)) if jit_compile else (lambda step: step)
+        # The steps hold no Python control flow on tensors (tf.cond, tf.where), so AutoGraph need not rewrite them
+        # and all they call: only the loops below are converted, which keeps tracing short.
+        compiled = ((lambda step: tf.function(step, jit_compile=True, autograph=False)) if jit_compile
+                    else tf.autograph.experimental.do_not_convert)
         self.step, self.evaluation_step = compiled(self.train_step), compiled(self.eval_step)
         self.accumulation_step = compiled(self.accumulate_step)
         self.train = tf.function(self._train)
