@@ -12,21 +12,15 @@ from core.layers import Dense, Dropout, Flatten, Sequential
 from core.losses import softmax_cross_entropy
 from core.optimizers import Adam
 from core.trainer import Callback, Runner, Trainer
+from stop_at import StopAt
+from test_checkpoint import synthetic
 
 EXAMPLES = 128
 DECAY = 0.8
 
 
-def synthetic(seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, EXAMPLES).astype(np.int32)
-    images = rng.random((EXAMPLES, 4, 16), dtype=np.float32) * 0.7
-    images[np.arange(EXAMPLES), labels] += 0.3
-    return images.reshape(EXAMPLES, 8, 8, 1), labels
-
-
-IMAGES, LABELS = synthetic()
-VALIDATION_IMAGES, VALIDATION_LABELS = synthetic(seed=1)
+IMAGES, LABELS = synthetic(EXAMPLES)
+VALIDATION_IMAGES, VALIDATION_LABELS = synthetic(EXAMPLES, seed=1)
 
 
 def batches(epoch):
@@ -117,18 +111,6 @@ def test_evaluation_uses_the_averaged_weights_and_training_the_raw_ones():
     assert abs(loss - raw_loss) > 1e-4  # the figures tell the two apart
     assert history.epochs[-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert history.epochs[-1]["val_accuracy"] == pytest.approx(accuracy)
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step, self.trainer = step, None
-
-    def on_train_begin(self, trainer):
-        self.trainer = trainer
-
-    def on_log(self, step, logs):
-        if step == self.step:
-            self.trainer.stop_training = True
 
 
 def test_resume_with_ema_is_bit_identical(tmp_path):

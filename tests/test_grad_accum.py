@@ -10,20 +10,13 @@ from core.config import SettingError, TrainingConfig
 from core.layers import Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
 from core.trainer import Callback, Runner, Trainer
+from stop_at import StopAt
+from test_checkpoint import synthetic
 
 EXAMPLES = 256
 
 
-def synthetic(seed=0):
-    """(images [256, 8, 8, 1], labels [256] in 0..3): noise, with the label's quarter brighter."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, EXAMPLES).astype(np.int32)
-    images = rng.random((EXAMPLES, 4, 16), dtype=np.float32) * 0.7
-    images[np.arange(EXAMPLES), labels] += 0.3
-    return images.reshape(EXAMPLES, 8, 8, 1), labels
-
-
-IMAGES, LABELS = synthetic()
+IMAGES, LABELS = synthetic(EXAMPLES)
 
 
 def batches(size):
@@ -81,18 +74,6 @@ def test_an_epoch_leaves_out_the_batches_short_of_an_update():
     history = Trainer(runner, progress=False).fit(batches(8), epochs=2)
     assert [record["step"] for record in history.epochs] == [10, 20]
     assert int(runner.train_accuracy.count.numpy()) == 30 * 8
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step, self.trainer = step, None
-
-    def on_train_begin(self, trainer):
-        self.trainer = trainer
-
-    def on_log(self, step, logs):
-        if step == self.step:
-            self.trainer.stop_training = True
 
 
 def test_resume_with_accumulation_is_bit_identical(tmp_path):
