@@ -1,7 +1,9 @@
 """The lessons in notebooks/: committed without outputs, and each runs top to bottom in a Jupyter kernel in
 its small setting (TF_BY_HAND_QUICK=1, documented in its first cell: 20,000 training and 2,000 test images, a
-few dozen steps, no XLA), ending with its assert on the test accuracy."""
+few dozen steps, no XLA), ending with its assert on the test accuracy. The lessons share one kernel, so that
+TensorFlow is imported once, not seven times; each starts from an empty namespace (`%reset -f`)."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -33,16 +35,32 @@ def test_the_small_setting_is_documented_and_its_floor_far_above_chance(path):
     assert floors and all(0.7 <= quick < full for quick, full in floors), floors
 
 
+@pytest.fixture(scope="module")
+def kernel(mnist_dir):
+    """A Python kernel started in notebooks/ in the small setting, for all the lessons of this module."""
+    pytest.importorskip("nbclient")
+    from jupyter_client import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    manager = AsyncKernelManager(kernel_name="python3")
+    env = dict(os.environ, TF_BY_HAND_QUICK="1", TF_BY_HAND_DATA_DIR=mnist_dir, TF_CPP_MIN_LOG_LEVEL="2")
+    run_sync(manager.start_kernel)(cwd=str(REPO / "notebooks"), env=env)
+    yield manager
+    run_sync(manager.shutdown_kernel)(now=True)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_runs_top_to_bottom(path, mnist_dir, monkeypatch):
+def test_runs_top_to_bottom(path, kernel):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("TF_BY_HAND_QUICK", "1")
-    monkeypatch.setenv("TF_BY_HAND_DATA_DIR", mnist_dir)
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     notebook = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=240, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    notebook.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))   # nothing left by the lesson before
+    client = nbclient.NotebookClient(notebook, km=kernel, timeout=240)
+    try:
+        client.execute()
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     assert not [output.text for output in outputs if output.get("name") == "stderr"]   # no red box: notices hidden
