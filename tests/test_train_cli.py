@@ -414,13 +414,16 @@ def _latest_checkpoint_number(run_dir):
     return int(found.group(1)) if found else 0
 
 
-def test_same_seed_is_bit_identical_and_sigkill_resume_loses_nothing(mnist_dir, tmp_path, capsys):
+def test_same_seed_is_bit_identical_and_sigkill_resume_loses_nothing(small_mnist, tmp_path, capsys):
     """dense_decay (dropout draws random masks), one command run twice: once straight through, once killed
     with SIGKILL in the middle of its second epoch and then resumed; 10 steps per compiled call (cut to
     5 before each checkpoint at a multiple of 25). Both end with bit-identical weights,
-    optimizer slots, dropout generator states and test figures (determinism and exact resume at once)."""
-    common = ["--model=dense_decay", "--epochs=2", "--steps_per_epoch=100", "--checkpoint_every=25",
-              "--log_every=25", "--steps_per_loop=10", "--noprogress", f"--data_dir={mnist_dir}", f"--logdir={tmp_path}"]
+    optimizer slots, dropout generator states and test figures (determinism and exact resume at once).
+    Batches of 5 of the first 512 images: 100 steps per epoch, 128 test images to evaluate. Without XLA, whose
+    compilation would be most of each run's time (test_jit_compile.py resumes the compiled step bit for bit)."""
+    common = ["--model=dense_decay", "--epochs=2", "--steps_per_epoch=100", "--batch_size=5", "--checkpoint_every=25",
+              "--log_every=25", "--steps_per_loop=10", "--nojit_compile", "--noprogress", f"--data_dir={small_mnist}",
+              f"--logdir={tmp_path}"]
     result = cli(*common, "--run_name=straight", capsys=capsys)
     assert result.returncode == 0, result.stderr
 
