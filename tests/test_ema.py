@@ -8,12 +8,12 @@ import tensorflow as tf
 from app.settings import FlagError, make_config
 from core.config import SettingError, TrainingConfig
 from core.ema import MovingAverage
-from core.layers import Dense, Dropout, Flatten, Sequential
 from core.losses import softmax_cross_entropy
 from core.optimizers import Adam
 from core.trainer import Callback, Runner, Trainer
 from stop_at import StopAt
 from test_checkpoint import synthetic
+from test_grad_accum import model
 
 EXAMPLES = 128
 DECAY = 0.8
@@ -30,14 +30,6 @@ def batches(epoch):
 
 def validation():
     return tf.data.Dataset.from_tensor_slices((VALIDATION_IMAGES, VALIDATION_LABELS)).batch(64)
-
-
-def model(dropout=0.0, seed=3):
-    tf.random.set_seed(seed)
-    layers = [Flatten(), Dense(16, activation="relu")] + ([Dropout(dropout)] if dropout else []) + [Dense(4)]
-    network = Sequential(layers)
-    network.build((None, 8, 8, 1))
-    return network
 
 
 def test_the_averages_are_keras_use_ema_numbers():
