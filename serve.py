@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 
 from core import cli
-from core.native_logs import quiet_native_logs
+from core.native_logs import load_tensorflow, quiet_native_logs
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -66,6 +66,7 @@ def run(config):
     from web import server as web_server
     try:
         with quiet_native_logs(replay_on_error=False):
+            load_tensorflow()
             server = web_server.make_server(config.model_dir, config.host, config.port, config.verbose,
                                             config.max_busy)
     except web_server.ModelError as e:

@@ -11,7 +11,7 @@ import os
 import sys
 
 from app import digits
-from core.native_logs import quiet_native_logs
+from core.native_logs import load_tensorflow, quiet_native_logs
 
 __all__ = ["BATCH", "InputError", "find_saved_model", "load_classifier", "classify", "read_input", "checked_array",
            "fit_to_model", "as_model_input", "describe"]
@@ -47,6 +47,7 @@ def find_saved_model(model_dir):
 def load_classifier(saved_model_dir):
     """The export's Classifier (TensorFlow starts here, its start-up noise hidden)."""
     with quiet_native_logs(replay_on_error=False):
+        load_tensorflow()
         from app import export
         return export.Classifier(saved_model_dir)
 

@@ -30,9 +30,26 @@ def quiet_native_logs(replay_on_error=True):
             os.close(saved)
 
 
+@contextlib.contextmanager
+def without_keras_preload():
+    """TensorFlow's __init__ imports keras.src.optimizers, and with it all of Keras and matplotlib (1.5 s of a 5 s
+    start on a 2-core CPU), only to register Keras's optimizers for loading Keras's own SavedModels. Nothing here
+    uses Keras, so while TensorFlow loads that import fails (a None in sys.modules raises ImportError, which
+    TensorFlow's __init__ ignores); afterwards `import keras` works as usual, in full."""
+    blocked = "tensorflow" not in sys.modules and "keras" not in sys.modules
+    if blocked:
+        sys.modules["keras.src.optimizers"] = None
+    try:
+        yield
+    finally:
+        if blocked and sys.modules.get("keras.src.optimizers", "") is None:
+            del sys.modules["keras.src.optimizers"]
+
+
 def load_tensorflow():
-    """Imports TensorFlow and initialises its devices with the start-up noise hidden; returns the module."""
-    with quiet_native_logs():
+    """Imports TensorFlow (without its Keras preload) and initialises its devices with the start-up noise hidden;
+    returns the module."""
+    with quiet_native_logs(), without_keras_preload():
         import tensorflow as tf
         tf.config.list_physical_devices()
     return tf
