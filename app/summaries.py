@@ -38,7 +38,8 @@ import os
 
 import numpy as np
 import tensorflow as tf
-from tensorboard.plugins.hparams import api as hp
+# summary_v2 is what hparams.api re-exports, without api's Keras callback (which imports all of Keras, 1 s).
+from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 from app import pictures

@@ -1,5 +1,6 @@
 """What a fresh process pays to start: the entry points load TensorFlow without the Keras that TensorFlow's
-__init__ preloads (1.5 s of a 5 s start on 2 cores), and Keras still imports in full afterwards. Only a fresh
+__init__ preloads (1.5 s of a 5 s start on 2 cores), and import nothing else that brings Keras (TensorBoard's
+hparams.api does, 1 s); Keras still imports in full afterwards. Only a fresh
 process shows it: this one has loaded both."""
 import json
 import subprocess
@@ -11,6 +12,7 @@ PROBE = """
 import json, sys
 from core.native_logs import load_tensorflow
 tf = load_tensorflow()
+import app.run, app.summaries, app.export, predict, serve, train, web.server, lab  # what the entry points import
 before = sorted(name for name in sys.modules if name.split(".")[0] in ("keras", "matplotlib"))
 import keras
 optimizer = keras.optimizers.Adam(0.5)
