@@ -64,16 +64,16 @@ def checkpoint_step(prefix):
 
 
 def test_runs_started_at_once_never_share_a_directory(small_mnist, tmp_path):
-    """Three seeds with the default run name and two runs on one --run_name, all five started together."""
+    """Two seeds with the default run name and two runs on one --run_name, all four started together."""
     common = [*TINY, f"--data_dir={small_mnist}", f"--logdir={tmp_path}"]
-    processes = [start(*common, f"--seed={seed}") for seed in (1, 2, 3)]
-    processes += [start(*common, "--run_name=same", f"--seed={seed}") for seed in (4, 5)]
+    processes = [start(*common, f"--seed={seed}") for seed in (1, 2)]
+    processes += [start(*common, "--run_name=same", f"--seed={seed}") for seed in (3, 4)]
     results = [finish(p) for p in processes]
 
-    for code, _, err in results[:3]:
+    for code, _, err in results[:2]:
         assert code == 0, err
     runs = sorted(p for p in tmp_path.iterdir() if p.name != "same")
-    assert len(runs) == 3 and all(re.fullmatch(r"softmax-\d{8}-\d{6}(-[0-9a-f]{4})?", p.name) for p in runs)
+    assert len(runs) == 2 and all(re.fullmatch(r"softmax-\d{8}-\d{6}(-[0-9a-f]{4})?", p.name) for p in runs)
     seeds = []
     for run in runs:
         config = json.loads((run / "config.json").read_text())
@@ -82,16 +82,16 @@ def test_runs_started_at_once_never_share_a_directory(small_mnist, tmp_path):
         seeds.append(config["seed"])
         files = event_files(run)
         assert len(files) == len({os.path.dirname(f) for f in files}), files  # one writer per directory
-    assert sorted(seeds) == [1, 2, 3]
+    assert sorted(seeds) == [1, 2]
 
-    (winner, loser) = sorted(range(2), key=lambda k: results[3 + k][0])
-    assert [results[3 + winner][0], results[3 + loser][0]] == [0, 2]
-    one_error_line(results[3 + loser][2], rf"{tmp_path}/same is in use by train\.py pid "
-                                          rf"{processes[3 + winner].pid} on \S+ since [\d\-T:]+; wait for it to end or "
+    (winner, loser) = sorted(range(2), key=lambda k: results[2 + k][0])
+    assert [results[2 + winner][0], results[2 + loser][0]] == [0, 2]
+    one_error_line(results[2 + loser][2], rf"{tmp_path}/same is in use by train\.py pid "
+                                          rf"{processes[2 + winner].pid} on \S+ since [\d\-T:]+; wait for it to end or "
                                           r"choose another run name$")
-    assert results[3 + loser][1] == ""
+    assert results[2 + loser][1] == ""
     same = tmp_path / "same"
-    seed = 4 + winner
+    seed = 3 + winner
     assert json.loads((same / "config.json").read_text())["seed"] == seed
     assert json.loads((same / "metrics.json").read_text())["hparams"]["seed"] == seed
     files = event_files(same)
