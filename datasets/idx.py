@@ -43,6 +43,10 @@ LABEL_MAGICS = (2049,)  # 0x00000801: unsigned bytes, 1 dimension
 DECODE_BATCH = 1000  # records decoded per decode_raw call: one op per 1000 records, not per record
 
 _checked = {}  # (path, kind, size, mtime) -> (count, image shape or labels): each file is read once per process
+# (image key, label key, flat) -> Examples: the splits decoded last (bounded; tensors are immutable, so sharing
+# them is safe). A notebook or a test that loads the same files again reads memory; a changed file has a new key.
+_decoded = {}
+DECODED_KEPT = 4
 
 
 class DataError(Exception):
@@ -129,7 +133,8 @@ def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
 
     The files are validated first (once per process; image_shape and num_classes as for validate) and
     read now, once: the decoded pixels and the labels stay in memory, so every epoch, and any part of the
-    split, reads memory.
+    split, reads memory. The last DECODED_KEPT splits loaded stay decoded: loading the same unchanged files
+    again returns the same tensors.
     """
     if split not in SPLITS:
         raise ValueError(f"load: split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -137,6 +142,10 @@ def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
 
     from core.data import Examples
     image_path, label_path, count, shape, _ = _check_split(_directory(data_dir), split, image_shape, num_classes)
+    key = (_file_key(image_path), _file_key(label_path), bool(flat))
+    if key in _decoded:
+        _decoded[key] = _decoded.pop(key)  # the most recently used last
+        return _decoded[key]
     record_bytes = int(np.prod(shape))
     pixel_shape = [count, record_bytes] if flat else [count, *shape]
     try:
@@ -144,7 +153,10 @@ def load(data_dir, split, flat=False, image_shape=None, num_classes=None):
         labels = tf.cast(tf.reshape(_decode(label_path, 8, 1), [count]), tf.int32)
     except tf.errors.OpError as error:  # the files changed since they were validated
         raise DataError(f"{image_path}: cannot read {split} data ({error.message.splitlines()[0]})") from None
-    return Examples(pixels, labels)
+    _decoded[key] = Examples(pixels, labels)
+    while len(_decoded) > DECODED_KEPT:
+        del _decoded[next(iter(_decoded))]
+    return _decoded[key]
 
 
 def write_idx(path, array):
@@ -221,9 +233,14 @@ def _check_split(directory, split, image_shape=None, num_classes=None):
     return paths[image_key], paths[label_key], images, shape, labels
 
 
-def _checked_file(path, kind):
+def _file_key(path):
+    """(absolute path, size, modification time in ns): a file that changes gets a new key."""
     status = os.stat(path)
-    key = (os.path.abspath(path), kind, status.st_size, status.st_mtime_ns)
+    return os.path.abspath(path), status.st_size, status.st_mtime_ns
+
+
+def _checked_file(path, kind):
+    key = (kind, *_file_key(path))
     if key not in _checked:
         _checked[key] = _check_images(path) if kind == "images" else _check_labels(path)
     return _checked[key]

@@ -1,6 +1,7 @@
 """datasets.load: a data set's train and test examples as core.data.Examples with the image shape and the classes,
 from a registered name or from any directory of IDX files; the one-line DataErrors; IDX stays inside datasets/."""
 import ast
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,30 @@ def imports(path):
 def test_the_application_does_not_know_the_file_format(path):
     """app/ and lab/ ask datasets.load for examples; IDX files are datasets/' business."""
     assert "datasets.idx" not in imports(path), f"{path.relative_to(REPO)} imports datasets.idx"
+
+
+def test_the_same_files_load_once_and_a_changed_file_is_read_again(tmp_path):
+    """A split loaded again from unchanged files is the tensors already decoded (a notebook loads data in every
+    lesson); a file rewritten since is decoded anew; the four newest splits are kept."""
+    from datasets import idx
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8), np.arange(6, dtype=np.uint8) % 3
+    for split in ("train", "test"):
+        idx.write_idx(tmp_path / idx.FILES[f"{split}_images"], images)
+        idx.write_idx(tmp_path / idx.FILES[f"{split}_labels"], labels)
+    first = idx.load(tmp_path, "train")
+    assert idx.load(tmp_path, "train") is first and idx.load(tmp_path, "train", flat=True) is not first
+    assert idx.load(tmp_path, "train", flat=True).images.shape == (6, 16)
+    rewritten = idx.write_idx(tmp_path / idx.FILES["train_labels"], labels[::-1].copy())
+    status = os.stat(rewritten)  # a later modification time, as a later write has (not within one clock tick)
+    os.utime(rewritten, ns=(status.st_atime_ns, status.st_mtime_ns + 10_000_000))
+    again = idx.load(tmp_path, "train")
+    assert again is not first and again.labels.numpy().tolist() == labels[::-1].tolist()
+    for name in ("a", "b", "c", "d"):
+        other = tmp_path / name
+        other.mkdir()
+        for split in ("train", "test"):
+            idx.write_idx(other / idx.FILES[f"{split}_images"], images)
+            idx.write_idx(other / idx.FILES[f"{split}_labels"], labels)
+        idx.load(other, "train")
+    assert len(idx._decoded) == idx.DECODED_KEPT and idx.load(tmp_path, "train") is not again
