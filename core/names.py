@@ -1,20 +1,34 @@
-"""The framework's choices by name, readable without TensorFlow: each name maps to "module:attribute", imported
-only when it is used.
+"""The framework's choices by name, readable without TensorFlow: each name maps to a module (or
+"module:attribute"), imported only when it is used.
 
-    OPTIMIZERS["adam"]                         # "core.optimizers:Adam"
-    optimizer(config, schedule)                # core.optimizers.Adam(schedule) for config.optimizer == "adam"
+    OPTIMIZERS["adam"]                         # "core.optimizers.adam": the modules of core/optimizers/
+    optimizer(config, schedule)                # core.optimizers.adam.Adam(schedule) for config.optimizer == "adam"
 
 This is the one list of each choice: core.config's flags, core.precision and core.distribute read it, so a
-flag's value is checked before TensorFlow loads. A new optimizer is its class (in core/optimizers.py or a
-module of its own) plus one entry in OPTIMIZERS. The application's names live beside what they name and import
-no TensorFlow either: models.REGISTRY (networks) and datasets.REGISTRY (data sets).
+flag's value is checked before TensorFlow loads. A new optimizer is one file, core/optimizers/<name>.py holding
+one subclass of core.optimizers.Optimizer: OPTIMIZERS lists the package's files (without importing them), so
+--optimizer=<name> takes it. The application's names live beside what they name and import no TensorFlow
+either: models.REGISTRY (networks) and datasets.REGISTRY (data sets).
 """
 import importlib
+import importlib.util
+import os
 
-__all__ = ["OPTIMIZERS", "GRADIENTS", "PRECISIONS", "STRATEGIES", "load", "optimizer", "gradient_function",
-           "learning_rate_schedule"]
+__all__ = ["OPTIMIZERS", "GRADIENTS", "PRECISIONS", "STRATEGIES", "modules_of", "load", "optimizer_class",
+           "optimizer", "gradient_function", "learning_rate_schedule"]
 
-OPTIMIZERS = {"adam": "core.optimizers:Adam", "sgd": "core.optimizers:SGD"}
+
+
+def modules_of(package):
+    """{file name without .py: "package.name"} of the modules in a package's folders (not those starting with
+    "_"), found without importing the package."""
+    folders = importlib.util.find_spec(package).submodule_search_locations
+    names = {entry[:-3] for folder in folders for entry in os.listdir(folder)
+             if entry.endswith(".py") and not entry.startswith("_")}
+    return {name: f"{package}.{name}" for name in sorted(names)}
+
+
+OPTIMIZERS = modules_of("core.optimizers")
 GRADIENTS = {"tape": "core.runner:tape_gradients", "by_hand": "core.backprop:gradients"}
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -26,9 +40,24 @@ def load(path):
     return getattr(importlib.import_module(module), attribute)
 
 
+def optimizer_class(name):
+    """The optimizer class OPTIMIZERS[name] names: "module:Class", or a module's one Optimizer subclass."""
+    path = OPTIMIZERS[name]
+    if ":" in path:
+        return load(path)
+    from core.optimizers import Optimizer
+    module = importlib.import_module(path)
+    defined = [value for value in vars(module).values() if isinstance(value, type) and issubclass(value, Optimizer)
+               and value.__module__ == module.__name__]
+    if len(defined) != 1:
+        raise TypeError(f"{module.__file__}: an optimizer's module defines one subclass of "
+                        f"core.optimizers.Optimizer, found {len(defined)}")
+    return defined[0]
+
+
 def optimizer(config, schedule):
     """config.optimizer's class (OPTIMIZERS) with `schedule` as its learning rate."""
-    return load(OPTIMIZERS[config.optimizer])(schedule)
+    return optimizer_class(config.optimizer)(schedule)
 
 
 def gradient_function(name):

@@ -97,7 +97,7 @@ def test_loss_falls_with_the_default_optimizer(name, mnist_dir):
     images, labels = _mnist_batch(mnist_dir)
     defaults = REGISTRY[name].defaults
     model = _build(name)
-    optimizer = names.load(names.OPTIMIZERS[defaults["optimizer"]])(defaults["learning_rate"])
+    optimizer = names.optimizer_class(defaults["optimizer"])(defaults["learning_rate"])
     optimizer.build(model.trainable_variables)
 
     @tf.function

@@ -72,7 +72,7 @@ def test_sgd_matches_keras(momentum, nesterov):
 
 
 def _adam_float64(w, grads, lr, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-    """Keras 3's Adam update (see core/optimizers.py) in numpy float64."""
+    """Keras 3's Adam update (see core/optimizers/adam.py) in numpy float64."""
     m, v = np.zeros_like(w), np.zeros_like(w)
     for t, g in enumerate(grads, start=1):
         alpha = lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)

@@ -1,19 +1,20 @@
 """The contributor recipes of docs/design.md, each done here exactly as the recipe says, in this process:
 
-    an optimizer:  its module (one file) + one entry in core.names.OPTIMIZERS        -> --optimizer takes it
+    an optimizer:  its module (one file), core/optimizers/<name>.py                  -> --optimizer=<name> takes it
     a data set:    one entry in datasets.REGISTRY                                    -> --dataset trains on it
     a model:       its module (one file) + one entry in models.REGISTRY (+ its Keras twin for the tests)
                    -> --model takes it and every test parametrized over the registry runs it
     a layer:       its module (one file) + its test                                   -> models use it, --summary shows it
 
-The recipes' new files are written into a folder put on sys.path, the registry entries added with monkeypatch:
-nothing else is touched. The initializer and optimizer shown in the recipes compute what the Keras piece of the
+The recipes' new files are written into a folder put on sys.path (the optimizer's into a folder added to the
+core.optimizers package), the registry entries added with monkeypatch: nothing else is touched. The initializer and optimizer shown in the recipes compute what the Keras piece of the
 same name computes.
 """
 import dataclasses
 import importlib.util
 import json
 import math
+import sys
 import textwrap
 from pathlib import Path
 
@@ -179,12 +180,28 @@ MOMENTUM = """\
     """
 
 
-def test_recipe_an_optimizer_is_its_file_and_one_entry(tmp_path, monkeypatch, small_mnist):
-    add_module(tmp_path, monkeypatch, "recipe_momentum", MOMENTUM)
-    monkeypatch.setitem(names.OPTIMIZERS, "momentum", "recipe_momentum:Momentum")
-    config = parsed("--model=softmax", "--optimizer=momentum", "--learning_rate=0.05")
-    optimizer = names.optimizer(config, names.learning_rate_schedule(config, steps_per_epoch=10))
-    assert type(optimizer).__name__ == "Momentum" and float(optimizer.learning_rate(7)) == pytest.approx(0.05)
+def test_recipe_an_optimizer_is_its_file(tmp_path, monkeypatch, small_mnist):
+    """core/optimizers/momentum.py alone: core.names lists it as core.names does on import (without importing
+    it), --optimizer=momentum is accepted, and names.optimizer makes its one Optimizer subclass."""
+    folder = tmp_path / "optimizers"
+    folder.mkdir()
+    (folder / "momentum.py").write_text(textwrap.dedent(MOMENTUM))
+    package_folders = optimizers.__path__  # the list the import system searches for core.optimizers.<name>
+    package_folders.append(str(folder))
+    try:
+        found = names.modules_of("core.optimizers")
+        assert found == {"adam": "core.optimizers.adam", "momentum": "core.optimizers.momentum",
+                         "sgd": "core.optimizers.sgd"}
+        for name, module in found.items():  # what `import core.names` computes with the file in place
+            monkeypatch.setitem(names.OPTIMIZERS, name, module)
+        config = parsed("--model=softmax", "--optimizer=momentum", "--learning_rate=0.05")
+        optimizer = names.optimizer(config, names.learning_rate_schedule(config, steps_per_epoch=10))
+    finally:
+        package_folders.remove(str(folder))
+        sys.modules.pop("core.optimizers.momentum", None)
+        vars(optimizers).pop("momentum", None)
+    assert type(optimizer).__name__ == "Momentum" and type(optimizer).__module__ == "core.optimizers.momentum"
+    assert float(optimizer.learning_rate(7)) == pytest.approx(0.05)
 
     # Keras' SGD with momentum keeps m = mu * m - lr * g (= -lr * v at a constant rate) and adds it: the same steps.
     rng = np.random.default_rng(0)
@@ -204,7 +221,7 @@ def test_recipe_an_optimizer_is_its_file_and_one_entry(tmp_path, monkeypatch, sm
     train = datasets.load(small_mnist, download=False).train
     tf.random.set_seed(1)
     model = models.REGISTRY["softmax"].build(0.0)
-    losses = step_losses(model, names.optimizer(config, names.learning_rate_schedule(config, 10)), train)
+    losses = step_losses(model, type(optimizer)(0.05), train)
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0], losses
 
 

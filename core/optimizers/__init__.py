@@ -1,10 +1,14 @@
-"""Optimizers written by hand: SGD (with momentum / Nesterov) and Adam, each exactly the Keras 3 update.
+"""Optimizers written by hand, each exactly the Keras 3 update, one module each: sgd.py (SGD, with momentum or
+Nesterov) and adam.py (Adam). This package holds what they share, the Optimizer base class.
 
 Each is a tf.Module owning an int64 step counter `step` (a tf.Variable, so it advances inside tf.function
 and is checkpointed) and its slot variables, created by `build(variables)` (eagerly, before any tf.function
 traces `apply`). `apply(gradients, variables)` evaluates the learning rate at the current step, updates every
 variable, then increments `step`. Every update is computed in its variable's dtype (slots have the variable's
 dtype, the learning rate is cast to it), as Keras does, so float64 variables are trained in float64.
+
+A module of this package is an --optimizer choice named by its file (adam.py is --optimizer=adam): core.names
+lists the files without importing them, and takes the one Optimizer subclass the module defines.
 """
 import tensorflow as tf
 
@@ -78,76 +82,7 @@ class Optimizer(tf.Module):
         raise NotImplementedError
 
 
-class SGD(Optimizer):
-    """Stochastic gradient descent, as Keras 3 computes it.
+from core.optimizers.adam import Adam  # noqa: E402 (each subclasses Optimizer, defined above)
+from core.optimizers.sgd import SGD  # noqa: E402
 
-    momentum = 0:   w = w - lr * g
-    momentum > 0:   velocity = momentum * velocity - lr * g
-                    w = w + velocity                                  (nesterov=False)
-                    w = w + momentum * velocity - lr * g              (nesterov=True, velocity already updated)
-    One `velocity` slot per variable (shape of the variable), only when momentum > 0.
-    """
-
-    def __init__(self, learning_rate, momentum=0.0, nesterov=False, name=None):
-        super().__init__(learning_rate, name=name or "sgd")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"SGD: momentum must be a number in [0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-        self.velocity = []
-
-    def _create_slots(self, variables):
-        if self.momentum != 0.0:
-            self.velocity = [tf.Variable(tf.zeros_like(w), trainable=False, name="velocity") for w in variables]
-
-    def _update(self, g, w, i, learning_rate):
-        if self.momentum == 0.0:
-            w.assign_sub(g * learning_rate)
-            return
-        velocity = self.velocity[i]
-        velocity.assign(velocity * self.momentum - g * learning_rate)
-        if self.nesterov:
-            w.assign_add(velocity * self.momentum - g * learning_rate)
-        else:
-            w.assign_add(velocity)
-
-
-class Adam(Optimizer):
-    """Adam (Kingma & Ba 2014) exactly as Keras 3 computes it, with t = step + 1:
-
-    alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)
-    m = m + (g - m) * (1 - beta_1)          (= beta_1 * m + (1 - beta_1) * g)
-    v = v + (g^2 - v) * (1 - beta_2)        (= beta_2 * v + (1 - beta_2) * g^2)
-    w = w - m * alpha / (sqrt(v) + epsilon)
-    This is the paper's Algorithm 1 with a step-dependent epsilon: epsilon_paper = epsilon / sqrt(1 - beta_2^t)
-    (see docs/math.md, Adam). Slots `m` and `v` (one each per variable, zeros).
-    """
-
-    def __init__(self, learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name=None):
-        super().__init__(learning_rate, name=name or "adam")
-        for what, beta in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Adam: {what} must be in [0, 1), got {beta!r}")
-        if not epsilon > 0:
-            raise ValueError(f"Adam: epsilon must be > 0, got {epsilon!r}")
-        self.beta_1 = float(beta_1)
-        self.beta_2 = float(beta_2)
-        self.epsilon = float(epsilon)
-        self.m = []
-        self.v = []
-
-    def _create_slots(self, variables):
-        self.m = [tf.Variable(tf.zeros_like(w), trainable=False, name="m") for w in variables]
-        self.v = [tf.Variable(tf.zeros_like(w), trainable=False, name="v") for w in variables]
-
-    def _step_rate(self, learning_rate, dtype):
-        """alpha = lr * sqrt(1 - beta_2^t) / (1 - beta_1^t), t = step + 1 (the same for every variable)."""
-        t = tf.cast(self.step + 1, dtype)
-        return learning_rate * tf.sqrt(1 - tf.pow(tf.constant(self.beta_2, dtype), t)) / (
-            1 - tf.pow(tf.constant(self.beta_1, dtype), t))
-
-    def _update(self, g, w, i, alpha):
-        m, v = self.m[i], self.v[i]
-        m.assign_add((g - m) * (1 - self.beta_1))
-        v.assign_add((tf.square(g) - v) * (1 - self.beta_2))
-        w.assign_sub(m * alpha / (tf.sqrt(v) + self.epsilon))
+__all__ = ["Optimizer", "Adam", "SGD"]
