@@ -16,6 +16,7 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
     formulas           every layer on its formula (fused=False): the step before the fast paths
     formula_bn         BatchNorm on its formula, the rest fused
     formula_relu_bias  Dense, Conv2D and Activation on their formulas (+ b, x * [x > 0]), BatchNorm fused
+    relu_after_bn      only the ReLUs that follow a BatchNorm on their formula (x * [x > 0]), the rest fused
     bfloat16           --precision=mixed_bfloat16 on the fast paths (bfloat16 through the fused BatchNorm)
     bfloat16_formulas  --precision=mixed_bfloat16 on the formulas (BatchNorm cast up to float32 and back)
     adam_op            Adam as one tf.raw_ops.ResourceApplyAdam per variable (not bit-equal to ours: 1 - beta
@@ -40,8 +41,8 @@ from benchmarks import results  # noqa: E402
 from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward  # noqa: E402
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
-FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "bfloat16", "bfloat16_formulas", "adam_op",
-                    "s2d")
+FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "bfloat16",
+                    "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
@@ -69,7 +70,7 @@ def make_runner(tf, name, lever):
         for layer in model.layers:
             if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
                 layer._forward = space_to_depth_forward(tf, layer)
-    precision = "mixed_bfloat16" if lever in ("bfloat16", "bfloat16_formulas") else "float32"
+    precision = "mixed_bfloat16" if lever.startswith("bfloat16") else "float32"
     runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
     if lever == "guard":
         runner.step = lambda batch: _unguarded(runner, batch)

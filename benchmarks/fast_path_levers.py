@@ -6,14 +6,20 @@ def on_formulas(model, lever):
     """Puts the layers that `lever` names on their formulas (fused=False)."""
     from core.layers import Activation, BatchNorm, Conv2D, Dense
 
+    previous = None
     for layer in model.layers:
         if isinstance(layer, BatchNorm):
             formula = lever in ("formulas", "formula_bn", "bfloat16_formulas")
+        elif isinstance(layer, Activation) and isinstance(previous, BatchNorm) and lever in ("relu_after_bn",
+                                                                                              "bfloat16_relu_after_bn"):
+            formula = True
         elif isinstance(layer, (Activation, Conv2D, Dense)):
             formula = lever in ("formulas", "formula_relu_bias", "bfloat16_formulas")
         else:
-            continue
-        layer.fused = not formula
+            formula = None
+        previous = layer
+        if formula is not None:
+            layer.fused = not formula
 
 
 def space_to_depth_forward(tf, layer):
