@@ -24,19 +24,23 @@ def imported_modules(path):
 
 
 def sources(folder):
-    return sorted((REPO / folder).glob("*.py"))
+    """The folder's Python files, its packages' (core/optimizers/) included."""
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+def source_id(path):
+    return str(path.relative_to(REPO))
 
 
 @pytest.mark.parametrize("path", sources("core") + sources("models") + sources("app") + sources("datasets")
-                         + sources("web"),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+                         + sources("web"), ids=source_id)
 def test_no_keras_in_the_framework_or_the_models(path):
     keras = {name for name in imported_modules(path)
              if name == "tf.keras" or name.split(".")[0] == "keras" or name.startswith("tensorflow.keras")}
     assert not keras, f"{path.relative_to(REPO)} uses {sorted(keras)}"
 
 
-@pytest.mark.parametrize("path", sources("core"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sources("core"), ids=source_id)
 def test_core_imports_nothing_above_it(path):
     """The framework knows no application: not its data sets (datasets/), pictures or export (app/), models."""
     above = {name for name in imported_modules(path)
@@ -44,15 +48,14 @@ def test_core_imports_nothing_above_it(path):
     assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
 
 
-@pytest.mark.parametrize("path", sources("datasets"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sources("datasets"), ids=source_id)
 def test_datasets_import_only_core(path):
     above = {name for name in imported_modules(path)
              if name.split(".")[0] in ("app", "models", "web", "train", "predict", "serve")}
     assert not above, f"{path.relative_to(REPO)} imports {sorted(above)}"
 
 
-@pytest.mark.parametrize("path", sources("models") + sources("app") + sources("web"),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", sources("models") + sources("app") + sources("web"), ids=source_id)
 def test_models_import_no_entry_point(path):
     """Nor lab/, which sits beside the entry points: notebooks and scripts call the application."""
     above = {name for name in imported_modules(path) if name.split(".")[0] in ("train", "predict", "serve", "lab")}
