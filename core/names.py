@@ -18,7 +18,6 @@ __all__ = ["OPTIMIZERS", "GRADIENTS", "PRECISIONS", "STRATEGIES", "modules_of", 
            "optimizer", "gradient_function", "learning_rate_schedule"]
 
 
-
 def modules_of(package):
     """{file name without .py: "package.name"} of the modules in a package's folders (not those starting with
     "_"), found without importing the package."""
