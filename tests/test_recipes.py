@@ -7,8 +7,8 @@
     a layer:       its module (one file) + its test                                   -> models use it, --summary shows it
 
 The recipes' new files are written into a folder put on sys.path (the optimizer's into a folder added to the
-core.optimizers package), the registry entries added with monkeypatch: nothing else is touched. The initializer and optimizer shown in the recipes compute what the Keras piece of the
-same name computes.
+core.optimizers package), the registry entries added with monkeypatch: nothing else is touched. The initializer
+and optimizer shown in the recipes compute what the Keras piece of the same name computes.
 """
 import dataclasses
 import importlib.util
