@@ -72,6 +72,10 @@ def max_difference(a, b):
 @pytest.mark.parametrize("name, make_model", [("dense", dense_model),
                                               ("conv_bn, sync batch norm", lambda: conv_bn_model(True))])
 def test_two_replicas_equal_one_replica_step_for_step(name, make_model):
+    """Equal to float32 rounding: the sums split 8 or 4 + 4 ways round differently. Seeded, as the rounding
+    differences depend on the weights drawn: after 4 steps of conv_bn they were 2.4e-7 to 5.5e-7 over 8 seeds, and
+    an unseeded draw now and then passed 1e-6."""
+    tf.random.set_seed(1)
     one = runner_for(make_model, tf.distribute.get_strategy())
     two = runner_for(make_model, mirrored(), like=one)
     one_batches = iter(one.distribute(batches()))
@@ -86,7 +90,7 @@ def test_two_replicas_equal_one_replica_step_for_step(name, make_model):
     assert int(two.optimizer.step.numpy()) == 4
     # The metrics (ON_READ, SUM) read as the global batch's: each replica added its own 4 examples per step.
     assert float(two.train_accuracy.count.numpy()) == 4 * GLOBAL_BATCH
-    assert float(two.train_loss.result()) == pytest.approx(float(one.train_loss.result()), abs=1e-6)
+    assert float(two.train_loss.result()) == pytest.approx(float(one.train_loss.result()), rel=1e-6)
 
 
 def test_replicas_never_drift():
