@@ -17,6 +17,9 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
     formula_bn         BatchNorm on its formula, the rest fused
     formula_relu_bias  Dense, Conv2D and Activation on their formulas (+ b, x * [x > 0]), BatchNorm fused
     relu_after_bn      only the ReLUs that follow a BatchNorm on their formula (x * [x > 0]), the rest fused
+    relu_kernel_after_bn  every ReLU that follows a BatchNorm as tf.nn.relu, merged into its kernel even where
+                       that kernel is oneDNN's reference one (float32, channels not a multiple of 8)
+    bfloat16_relu_after_bn  relu_after_bn under --precision=mixed_bfloat16
     bfloat16           --precision=mixed_bfloat16 on the fast paths (bfloat16 through the fused BatchNorm)
     bfloat16_formulas  --precision=mixed_bfloat16 on the formulas (BatchNorm cast up to float32 and back)
     adam_op            Adam as one tf.raw_ops.ResourceApplyAdam per variable (not bit-equal to ours: 1 - beta
@@ -41,8 +44,8 @@ from benchmarks import results  # noqa: E402
 from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward  # noqa: E402
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
-FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "bfloat16",
-                    "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d")
+FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
+                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")

@@ -3,12 +3,17 @@ changes one thing in a copy of the step, so the two can be timed against each ot
 
 
 def on_formulas(model, lever):
-    """Puts the layers that `lever` names on their formulas (fused=False)."""
+    """Puts the layers that `lever` names on their formulas (fused=False); relu_kernel_after_bn: every ReLU that
+    follows a BatchNorm as tf.nn.relu, merged into the BatchNorm's kernel whatever its channel count."""
+    import tensorflow as tf
     from core.layers import Activation, BatchNorm, Conv2D, Dense
 
     previous = None
     for layer in model.layers:
-        if isinstance(layer, BatchNorm):
+        if isinstance(layer, Activation) and isinstance(previous, BatchNorm) and lever == "relu_kernel_after_bn":
+            layer._forward = lambda x, training: tf.nn.relu(x)
+            formula = None
+        elif isinstance(layer, BatchNorm):
             formula = lever in ("formulas", "formula_bn", "bfloat16_formulas")
         elif isinstance(layer, Activation) and isinstance(previous, BatchNorm) and lever in ("relu_after_bn",
                                                                                               "bfloat16_relu_after_bn"):

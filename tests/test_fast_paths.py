@@ -126,6 +126,24 @@ def test_relu_kernel_is_the_formula_exactly_gradient_zero_at_zero():
     np.testing.assert_array_equal(tape.gradient(formula, x).numpy(), [0, 0, 0, 1, 1, 0])
 
 
+@pytest.mark.parametrize("channels,training,kernel", [(12, True, False), (16, True, True), (12, False, True)],
+                         ids=["12_channels_training", "16_channels_training", "12_channels_inference"])
+def test_relu_after_a_batch_norm_runs_the_formula_where_the_merged_kernel_would_be_onednns_reference(
+        channels, training, kernel):
+    """A float32 training BatchNorm with a channel count that is not a multiple of 8 is followed by relu's formula,
+    which keeps TensorFlow from merging tf.nn.relu into it (oneDNN's reference kernel, 5x slower); elsewhere the
+    relu kernel. Either way, y is the same."""
+    x = tf.constant(np.random.default_rng(3).standard_normal((4, 5, 5, channels)), tf.float32)
+    model = Sequential([BatchNorm(scale=False), Activation("relu")])
+    model.build(x.shape)
+    step = tf.function(lambda x: model(x, training=training))
+    op_types = {op.type for op in step.get_concrete_function(x).graph.get_operations()}
+    assert ("Relu" in op_types) is kernel
+    y = step(x)
+    normalized = model.layers[0](x, training=training)
+    np.testing.assert_array_equal(y.numpy(), tf.nn.relu(normalized).numpy())
+
+
 @pytest.mark.parametrize("make,shape", [
     (lambda fused: Dense(7, activation="relu", fused=fused), (9, 13)),
     (lambda fused: Conv2D(5, 6, strides=2, activation="relu", fused=fused), (3, 9, 7, 2)),
