@@ -73,7 +73,7 @@ def make_runner(tf, name, lever):
         for layer in model.layers:
             if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
                 layer._forward = space_to_depth_forward(tf, layer)
-    precision = "mixed_bfloat16" if lever.startswith("bfloat16") else "float32"
+    precision = "mixed_bfloat16" if (lever or "").startswith("bfloat16") else "float32"
     runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
     if lever == "guard":
         runner.step = lambda batch: _unguarded(runner, batch)
