@@ -126,6 +126,7 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
     early_stopping: stop after that many epochs without an improvement of `early_stopping_metric`
       (val_loss, val_accuracy, loss, accuracy); restore_best: the model ends with the best epoch's weights.
     gradients: "tape" (tf.GradientTape) or "by_hand" (each layer's backward pass, docs/backprop.md).
+    With config.ema the model ends with the moving averages of its weights, which each epoch was evaluated with.
     """
     if gradients not in ("tape", "by_hand"):
         raise ValueError(f"gradients must be 'tape' or 'by_hand', got {gradients!r}")
@@ -142,8 +143,12 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
                       keep_checkpoints=config.keep_checkpoints, progress=progress,
                       steps_per_loop=config.steps_per_loop, early_stopping=stopping)
     tf.config.experimental.enable_op_determinism()
-    return trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), config.epochs,
-                       validation_data=batches.evaluation_batches(data.validation), steps_per_epoch=steps)
+    history = trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), config.epochs,
+                          validation_data=batches.evaluation_batches(data.validation), steps_per_epoch=steps)
+    if runner.ema is not None:  # what the epochs were evaluated with, as Keras's fit ends with use_ema
+        for variable, average in zip(runner.trainable, runner.ema.averages):
+            variable.assign(average)
+    return history
 
 
 def _arrays(dataset):

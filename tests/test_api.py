@@ -40,6 +40,16 @@ def test_fit_returns_the_history_and_livecurves_redraws_one_figure_per_epoch(dat
     assert picture.size[0] == 10 * (28 * 2 + 2)
 
 
+def test_fit_with_ema_ends_with_the_averages_its_epochs_were_evaluated_with(data):
+    small = data.subset(train=2000, test=500)
+    config = lab.settings("softmax", epochs=2, ema=0.9)
+    model = lab.build("softmax", config, small)
+    history = lab.fit(model, small, config)
+    scores = lab.evaluate(model, small.validation)
+    assert scores["accuracy"] == history.epochs[-1]["val_accuracy"]
+    assert scores["loss"] == pytest.approx(history.epochs[-1]["val_loss"], rel=1e-5)
+
+
 def test_subset_keeps_the_first_examples_and_validates_on_the_cut_test_set(data):
     small = data.subset(train=1000, test=300)
     assert [len(split) for split in (small.train, small.validation, small.test)] == [1000, 300, 300]
