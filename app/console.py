@@ -27,8 +27,11 @@ def describe_training(config):
     by_hand = ", gradients by hand" if config.gradients == "by_hand" else ""
     xla = ", step compiled by XLA" if config.jit_compile else ""
     precision = f", mixed precision ({config.precision})" if config.precision != "float32" else ""
+    accumulated = (f", {config.grad_accum_steps} batches per update (gradients accumulated)"
+                   if config.grad_accum_steps > 1 else "")
+    averaged = f", evaluated on the weights' moving average (decay {config.ema:g})" if config.ema is not None else ""
     return (f"{config.optimizer} {describe_schedule(config)}, batch {config.batch_size}, "
-            f"{plural(config.epochs, 'epoch')}{steps}{dropout}{by_hand}{xla}{precision}")
+            f"{plural(config.epochs, 'epoch')}{steps}{dropout}{by_hand}{xla}{precision}{accumulated}{averaged}")
 
 
 def list_models(registry):

@@ -43,6 +43,14 @@ def test_models_declare_only_what_differs():
         ModelSpec(build=None, description="", target="", source="", settings={"dropout": 1.5})
 
 
+def test_the_training_line_names_accumulation_and_the_moving_average():
+    plain = describe_training(train.make_config({"model": "conv"}))
+    assert "accumulated" not in plain and "moving average" not in plain
+    line = describe_training(train.make_config({"model": "conv", "grad_accum_steps": 4, "ema": 0.999}))
+    assert line.endswith(", 4 batches per update (gradients accumulated), evaluated on the weights' moving average "
+                         "(decay 0.999)"), line
+
+
 def test_the_dense_models_default_to_xla_except_under_a_strategy():
     jit = {name: train.make_config({"model": name}).jit_compile for name in REGISTRY}
     assert [name for name, on in jit.items() if on] == ["dense_sigmoid", "dense", "dense_decay", "dense5"]
