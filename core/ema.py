@@ -32,12 +32,16 @@ class MovingAverage(tf.Module):
             momentum = tf.cast(tf.logical_not(first), variable.dtype) * self.decay
             average.assign(momentum * average + (1 - momentum) * variable)
 
+    def assign_to(self, variables):
+        """w <- ema_w for each of `variables`: the model takes the averages for good."""
+        for variable, average in zip(variables, self.averages):
+            variable.assign(average)
+
     @contextlib.contextmanager
     def swapped_in(self, variables):
         """The averages in `variables` for the duration of the block; the raw weights restored after."""
         raw = [tf.identity(variable.read_value()) for variable in variables]
-        for variable, average in zip(variables, self.averages):
-            variable.assign(average)
+        self.assign_to(variables)
         try:
             yield
         finally:

@@ -146,8 +146,7 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
     history = trainer.fit(batches.GatheredBatches(data.train, config.batch_size, config.seed), config.epochs,
                           validation_data=batches.evaluation_batches(data.validation), steps_per_epoch=steps)
     if runner.ema is not None:  # what the epochs were evaluated with, as Keras's fit ends with use_ema
-        for variable, average in zip(runner.trainable, runner.ema.averages):
-            variable.assign(average)
+        runner.ema.assign_to(runner.trainable)
     return history
 
 
