@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import time
 
 from app.console import EpochReport, describe_training, plural, one_cpu_hint, report
@@ -208,9 +209,16 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
                         f"pass another --run_name") from None
     except (CheckpointUnreadableError, CheckpointWriteError) as error:
         raise RunError(str(error)) from None
+    # The checkpoint as the chief wrote it (another worker's own copy is deleted when it exits).
+    kept = os.path.join(chief_run_dir, "checkpoints", os.path.basename(trainer.checkpointer.latest or ""))
     if stop.signum:
         raise Interrupted(f"stopped by {stop.name} at step {int(optimizer.step.numpy()):,}; its checkpoint is in "
-                          f"{trainer.checkpointer.latest}: {resume_hint(config, chief_run_dir)}", stop.exit_code)
+                          f"{kept}: {resume_hint(config, chief_run_dir)}", stop.exit_code)
+    if history.stopped["reason"] == "stopped":  # another worker was stopped by a signal, and every worker with it
+        workers = ", ".join(str(index) for index in trainer.stopped_by)
+        raise Interrupted(f"stopped at step {int(optimizer.step.numpy()):,} with worker {workers}, which was "
+                          f"interrupted; its checkpoint is in {kept}: {resume_hint(config, chief_run_dir)}",
+                          128 + signal.SIGTERM)
     results = trainer.evaluate(data.evaluation_batches(test))
 
     with runner.averaged_weights():  # --ema: the moving averages are the exported model

@@ -37,6 +37,7 @@ import shutil
 import socket
 import tempfile
 
+import numpy as np
 import tensorflow as tf
 
 from core.names import STRATEGIES
@@ -267,6 +268,27 @@ def worker_index(strategy):
     count = sum(len(tasks) for job, tasks in workers.items() if job in ("chief", "worker"))
     index = resolver.task_id + (1 if resolver.task_type == "worker" and "chief" in workers else 0)
     return index, count
+
+
+class WorkerVote:
+    """Which workers ask for something, answered alike on every worker: vote(asks) -> the indices of the workers
+    that passed True. A decision one worker may take alone (a signal stops it) must be taken by all of them at
+    the same step, or the others wait in a collective it never joins. One small all-reduce per vote, which
+    every worker makes at the same point of its loop; without a cluster, none: [0] or []."""
+
+    def __init__(self, strategy):
+        self.index, self.count = worker_index(strategy)
+        self._sum = None
+        if self.count > 1:
+            def total(ballot):  # every replica passes its worker's ballot; a sum > 0 means that worker asked
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: ballot), axis=None)
+            self._sum = tf.function(total)
+
+    def __call__(self, asks):
+        if self._sum is None:
+            return [0] if asks else []
+        ballot = tf.one_hot(self.index, self.count) * (1.0 if asks else 0.0)
+        return [int(i) for i in np.flatnonzero(self._sum(ballot).numpy() > 0)]
 
 
 def is_chief(strategy):

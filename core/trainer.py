@@ -20,7 +20,9 @@ call's length: `steps_per_loop`, cut short so that log points (every `log_every`
 (every `checkpoint_every` updates) and epoch ends fall on call boundaries; whatever steps_per_loop is, the
 same steps run in the same order, so it changes speed, never results. Python reads variables only at
 those boundaries, never per step. What a checkpoint holds is the runner's `state()` plus this loop's
-history (and early stopping's record).
+history (and early stopping's record). Stopping (`stop_training`, set by a callback, a signal or early
+stopping) is decided at those boundaries too, and under a multi-worker strategy by every worker together,
+so that all of them stop at the same step (`_stop_agreed`).
 
 Guarding the math: in the same compiled step, L, every gradient and (after the update) every model variable
 are checked with is_finite. The first non-finite value records its step, learning rate and which tensor
@@ -34,7 +36,7 @@ import time
 import tensorflow as tf
 from tqdm import tqdm
 
-from core import data
+from core import data, distribute
 from core.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointUnreadableError
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
@@ -164,6 +166,8 @@ class Trainer:
         self.history = History()
         self.concrete_steps = {}  # "train"/"eval" -> the traced ConcreteFunction (its .graph is the loop's graph)
         self.stop_training = False
+        self.stopped_by = []  # the workers whose stop_training stopped the run (distribute.WorkerVote)
+        self._vote = distribute.WorkerVote(runner.strategy)
         self.restored_from = None
         self.checkpointer = None
 
@@ -274,6 +278,7 @@ class Trainer:
         if validation_data is not None:
             self.concrete_steps["eval"] = runner.prepare(validation_data.element_spec, "eval")
         self.stop_training = False
+        self.stopped_by = []
         self._call("on_train_begin", self)
 
         accumulate = runner.grad_accum_steps
@@ -298,8 +303,9 @@ class Trainer:
             bar = tqdm(total=updates - done, unit="step", disable=None if self.progress else True, leave=True,
                        desc=f"epoch {epoch + 1}/{epochs}" + (f" (resumed after step {done})" if skip else ""))
             skip = 0
+            stop = False
             try:
-                while done < updates and not self.stop_training:
+                while done < updates and not (stop := self._stop_agreed()):
                     length = self._loop_length(step, done, updates)
                     try:
                         runner.train(iterator, tf.constant(length, tf.int32))
@@ -311,10 +317,10 @@ class Trainer:
                     if step % self.log_every == 0:
                         self._log_point(step, bar)
                     if (self.checkpoint_every and step % self.checkpoint_every == 0
-                            and done != updates and not self.stop_training):
+                            and done != updates and not self._stop_agreed()):
                         self.save(epoch, done * accumulate)
                 self.check_finite()
-                if self.stop_training:
+                if stop:
                     self.save(epoch, done * accumulate)
                     break
                 record = self._end_epoch(epoch, step, validation_data, started)
@@ -325,12 +331,23 @@ class Trainer:
             self.save(epoch + 1, 0)
             with runner.averaged_weights():  # callbacks see the model evaluated (TensorBoard's pictures, histograms)
                 self._call("on_epoch_end", epoch + 1, step, record)
-            if self.stop_training:
+            if self._stop_agreed():
                 break
         self.history.stopped = self._why_stopped(epochs)
         with runner.averaged_weights():
             self._call("on_train_end", self, self.history)
         return self.history
+
+    def _stop_agreed(self):
+        """Whether the run stops here: `stop_training` (set by a callback, a signal's handler, early stopping)
+        on any worker. Every worker votes at the same points (before each compiled call, at each periodic
+        checkpoint, after each epoch) and gets the same answer, so all of them stop at the same step and save
+        the same checkpoint; a worker stopping alone would leave the others waiting in a collective.
+        `stopped_by`: who asked."""
+        asked = self._vote(bool(self.stop_training))
+        if asked:
+            self.stopped_by = asked
+        return bool(asked)
 
     def _why_stopped(self, epochs):
         """History.stopped; restores the best epoch's weights when early stopping was asked to and the run
@@ -338,7 +355,7 @@ class Trainer:
         stopping = self.early_stopping
         done = int(self.runner.epoch.numpy())
         reason = ("early_stopping" if stopping is not None and stopping.stopped else
-                  "epochs" if done >= epochs and not self.stop_training else "stopped")
+                  "epochs" if done >= epochs and not self.stopped_by else "stopped")
         record = {"reason": reason, "epoch": done}
         if stopping is not None:
             record.update(stopping.summary(), restored=reason != "stopped" and stopping.restore())

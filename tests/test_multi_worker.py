@@ -3,10 +3,12 @@ cluster/launch.py): killing a worker stops the other with one line; restarting t
 end with identical weights, equal to one process trained straight at the same global batch; every model family
 (dense, conv, conv_bn with its per-worker BatchNorm statistics) exports a SavedModel that scores what the
 checkpoint restored in one process scores; a port taken by another program is one line. Each training job is a
-few steps on the first 512 MNIST training images; one job serves the kill, the resume and the equality."""
+few steps on the first 512 MNIST training images; one job serves the kill, the resume and the equality. A
+SIGTERM to one worker stops both at the same step, each with one line."""
 import gzip
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +32,7 @@ FLAGS = ["--model=dense", "--optimizer=sgd", "--learning_rate=0.1", "--batch_siz
 # Every worker of `python -m cluster.launch --program=<this>`: builds each family under the strategy with the
 # same random weights on every worker and BatchNorm statistics of its own (as training leaves them), then, as
 # train.py does, saves a checkpoint and exports (both read every worker; the chief writes, the others write
-# a temporary copy).
+# a temporary copy); then worker 1 alone asks in a WorkerVote.
 EXPORTER = """
 import os, sys
 sys.path.insert(0, {repo!r})
@@ -59,6 +61,7 @@ for name in ("dense", "conv", "conv_bn"):
     export.export_saved_model(model, os.path.join(writes.path, name, "saved_model"))
     print("exported", name, flush=True)
 writes.cleanup()
+print("workers asking:", distribute.WorkerVote(strategy)(index == 1), flush=True)
 """
 
 
@@ -189,6 +192,41 @@ def test_every_family_exports_what_its_checkpoint_restores_in_one_process(jobs, 
     statistics = [v.numpy() for v in model.variables if "moving_mean" in v.name]
     assert len(statistics) == (4 if name == "conv_bn" else 0)
     assert all(0.05 < np.mean(mean) < 0.45 for mean in statistics)  # the mean of two workers' uniform(0, 0.5)
+
+
+def test_every_worker_hears_the_vote_of_one(jobs):
+    _, runs = jobs
+    lines = runs["exports"][1][0]
+    assert {"[worker 0] workers asking: [1]", "[worker 1] workers asking: [1]"} <= set(lines), "\n".join(lines)
+
+
+def test_a_signal_to_one_worker_stops_every_worker_at_the_same_step(small_mnist, tmp_path):
+    """SIGTERM to worker 1 alone (a scheduler taking back one machine) while the job trains: both workers stop
+    at the same step with one line each, the chief's checkpoint holds that step, and both exit 143, which a
+    scheduler restarts; the same command then resumes (test_a_lost_worker_stops_the_other_with_one_line_...)."""
+    flags = [flag for flag in job(small_mnist, tmp_path, "signal") if not flag.startswith(("--epochs", "--steps_per_epoch"))]
+    workers = start(flags + ["--epochs=300"])  # 16 steps an epoch: still training long after the first
+    try:
+        for line in workers[0].stdout:
+            if line.startswith("epoch 1/300"):
+                break
+        workers[1].send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        codes, lines = finish(workers, seconds=TIMEOUT + 60)
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert time.monotonic() - signalled < 60
+    chief, other = (worker_lines[-1] for worker_lines in lines)
+    found = re.match(r"train\.py: stopped by SIGTERM at step ([\d,]+); its checkpoint is in (\S+): resume with the "
+                     r"same command$", other)
+    assert codes == [143, 143] and found, "\n".join(sum(lines, []))
+    step, checkpoint = found.groups()
+    assert chief == (f"train.py: stopped at step {step} with worker 1, which was interrupted; its checkpoint is in "
+                     f"{checkpoint}: resume with the same command")
+    assert Path(checkpoint).parent == tmp_path / "signal" / "checkpoints"
+    reader = tf.train.load_checkpoint(checkpoint)
+    assert int(reader.get_tensor("optimizer/step/.ATTRIBUTES/VARIABLE_VALUE")) == int(step.replace(",", "")) >= 16
 
 
 def test_a_port_taken_by_another_program_is_one_line(tmp_path):

@@ -371,3 +371,23 @@ def test_progress_bar_per_epoch_on_a_terminal_only(monkeypatch, stream, progress
     for epoch, line in enumerate(last_lines, 1):
         assert line.startswith(f"epoch {epoch}/2: 100%") and "8/8" in line, line
         assert re.search(r"loss=[\d.]+, accuracy=[\d.]+, lr=0\.01\]$", line), line
+
+
+def test_a_stop_another_worker_asks_for_stops_this_one_at_the_same_step(tmp_path):
+    """Every worker votes on stopping before each compiled call (here of 2 steps) and after each epoch, and all
+    get the same answer (distribute.WorkerVote; its collective on two processes: test_multi_worker.py). A vote
+    naming another worker stops this one there too, with its checkpoint at that step."""
+    trainer = make_trainer(checkpoint_dir=str(tmp_path), steps_per_loop=2)
+    steps = []
+
+    def vote(asks):
+        steps.append(int(trainer.optimizer.step.numpy()))
+        return [1] if len(steps) == 4 else ([0] if asks else [])
+
+    trainer._vote = vote
+    history = trainer.fit(epochs_of(synthetic()), epochs=2)
+    assert steps == [0, 2, 4, 6]
+    assert history.stopped == {"reason": "stopped", "epoch": 0} and trainer.stopped_by == [1]
+    reader = tf.train.load_checkpoint(trainer.checkpointer.latest)
+    assert [int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+            for name in ("optimizer/step", "step_in_epoch", "epoch")] == [6, 6, 0]
