@@ -91,6 +91,8 @@ class RunConfig(TrainingConfig):
                                  "--early_stopping_metric, not the last epoch's.", math=True, hparam=False)
     collective_timeout: float = setting(60.0, "Seconds a multi-worker all-reduce waits for a lost worker before "
                                         "the run stops.", _positive)
+    join_timeout: float = setting(600.0, "Seconds a multi-worker start waits for every worker of TF_CONFIG to "
+                                  "join before it stops.", _positive)
 
     def hparams(self):
         """The settings that shape the result, for the HParams dashboard and metrics.json."""
@@ -143,6 +145,7 @@ def make_strategy(config):
     """The tf.distribute strategy of --strategy (before any TensorFlow op); FlagError for a bad setting."""
     from core import distribute
     try:
-        return distribute.make_strategy(config.strategy, config.cpu_devices, config.collective_timeout)
+        return distribute.make_strategy(config.strategy, config.cpu_devices, config.collective_timeout,
+                                         config.join_timeout)
     except distribute.DistributeError as error:
         raise FlagError(str(error)) from None

@@ -41,14 +41,17 @@ import numpy as np
 import tensorflow as tf
 
 from core.names import STRATEGIES
+from core.native_logs import quiet_native_logs
 
 __all__ = ["STRATEGIES", "DistributeError", "configure_cpu_devices", "make_strategy", "replica_batch_size",
            "distribute_batches", "all_reduce_sum", "all_reduce_gradients", "on_every_replica",
            "cross_replica_moments", "check_in_scope", "settle", "worker_index", "is_chief", "WorkerDirectory",
-           "lost_worker", "server_failure", "describe"]
+           "lost_worker", "server_failure", "not_joined", "describe"]
 
 # Seconds a collective waits for its peers before failing: how long a lost worker can stall the others.
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# Seconds a multi-worker start waits for every worker of TF_CONFIG to join (schedulers may start them minutes apart).
+DEFAULT_JOIN_SECONDS = 600.0
 # Logical CPU devices per core at most: each has its own executor threads and buffers (256 on 2 cores took
 # 523 threads, 11 GB and minutes per step), and more replicas than cores only share the same cores.
 CPU_DEVICES_PER_CORE = 4
@@ -80,13 +83,15 @@ def configure_cpu_devices(count):
                                   f"{have} (configure devices before any op)") from None
 
 
-def make_strategy(name="default", cpu_devices=None, timeout_seconds=DEFAULT_TIMEOUT_SECONDS):
+def make_strategy(name="default", cpu_devices=None, timeout_seconds=DEFAULT_TIMEOUT_SECONDS,
+                  join_seconds=DEFAULT_JOIN_SECONDS):
     """The tf.distribute strategy called `name`:
 
     default:      no distribution, one replica on the default device (the plain single-device loop).
     mirrored:     one replica per local GPU; without GPUs, one per logical CPU (cpu_devices of them).
     multi_worker: MultiWorkerMirroredStrategy from the TF_CONFIG environment variable; every worker
-                  runs this same program; collectives fail after `timeout_seconds` if a peer is lost.
+                  runs this same program; it waits at most `join_seconds` for every worker to join
+                  (`_join`), and collectives fail after `timeout_seconds` if a peer is lost.
     """
     if name not in STRATEGIES:
         raise DistributeError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -107,12 +112,64 @@ def make_strategy(name="default", cpu_devices=None, timeout_seconds=DEFAULT_TIME
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING,
         timeout_seconds=timeout_seconds)
+    return _join(config, options, join_seconds)
+
+
+def _join(config, options, seconds):
+    """MultiWorkerMirroredStrategy, its start bounded: TensorFlow waits for every worker of the cluster to
+    register with the leader (worker 0, or the chief) inside one call that holds Python's interpreter lock, so
+    no signal handler or thread can run until it returns, and by default it waits an hour. Here the wait is a
+    barrier of `seconds` (the coordination service MultiWorkerMirroredStrategy would configure, with
+    `cluster_register_with_barrier`, which its public setter does not take): past it every waiting worker gets
+    DeadlineExceeded, one line naming the workers that are not up. Meanwhile SIGINT and SIGTERM keep the
+    system's default action and end the process at once: nothing has been written yet."""
+    import signal
+
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    if spec.as_dict() and context.context().coordination_service is None:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        context.context().configure_coordination_service(
+            service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+            cluster_register_timeout_in_ms=int(seconds * 1000),
+            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+                              for job in ("chief", "worker") if job in spec.jobs])
+        context.context().coordination_service.cluster_register_with_barrier = True
+    handlers = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        with quiet_native_logs(replay_on_error=False):  # the C++ runtime's account of a failed join: our line
+            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.DeadlineExceededError:
+        raise DistributeError(not_joined(config, seconds)) from None
     except tf.errors.OpError as error:
         if "server" not in str(error):
             raise
         raise DistributeError(server_failure(config)) from None
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def not_joined(config, seconds):
+    """One line for a start whose workers did not all join within `seconds`: the other workers whose address
+    takes no connection (not started, or elsewhere), else all of them."""
+    task = config.get("task", {})
+    me = (task.get("type"), task.get("index"))
+    missing = []
+    for job in ("chief", "worker"):
+        for index, address in enumerate(config.get("cluster", {}).get(job, [])):
+            if (job, index) == me:
+                continue
+            host, _, port = address.rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+            except (OSError, ValueError):
+                missing.append(f"{job} {index} ({address})")
+    who = ", ".join(missing) if missing else "the workers of TF_CONFIG"
+    return (f"{who} did not join within --join_timeout={seconds:g} s; start every worker of TF_CONFIG with the "
+            f"same command")
 
 
 def server_failure(config):

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from app import export
-from cluster.launch import start_workers, tf_config, worker_command
+from cluster.launch import free_ports, start_workers, tf_config, worker_command
 from datasets import idx
 from models import REGISTRY
 
@@ -227,6 +227,38 @@ def test_a_signal_to_one_worker_stops_every_worker_at_the_same_step(small_mnist,
     assert Path(checkpoint).parent == tmp_path / "signal" / "checkpoints"
     reader = tf.train.load_checkpoint(checkpoint)
     assert int(reader.get_tensor("optimizer/step/.ATTRIBUTES/VARIABLE_VALUE")) == int(step.replace(",", "")) >= 16
+
+
+def test_a_worker_waits_for_the_others_at_most_join_timeout_and_a_signal_ends_the_wait(tmp_path):
+    """Workers started alone, their peers never: the leader (worker 0) and another (worker 1) each stop after
+    --join_timeout with one line naming the worker that never came; a third, waiting with a long timeout,
+    ends at once on Ctrl-C (TensorFlow's wait holds the interpreter, so no Python handler could run: SIGINT keeps
+    the system's action, ending the process; SIGTERM goes to TensorFlow's preemption notifier meanwhile)."""
+    clusters = [[f"127.0.0.1:{port}" for port in free_ports(2)] for _ in range(3)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, TRAIN, "--model=dense", "--strategy=multi_worker", "--run_name=j", f"--logdir={tmp_path}"]
+    lone = [subprocess.Popen(command + [f"--join_timeout={seconds}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(env, TF_CONFIG=tf_config(addresses, index)))
+            for addresses, index, seconds in zip(clusters, (0, 1, 1), (3, 3, 600))]
+    try:
+        waiting = clusters[2][1].rsplit(":", 1)
+        for _ in range(600):  # its server listens once TensorFlow is in the wait
+            try:
+                socket.create_connection((waiting[0], int(waiting[1])), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        lone[2].send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        assert lone[2].wait(timeout=30) == -signal.SIGINT and time.monotonic() - signalled < 10
+        for process, addresses, missing in zip(lone, clusters, (1, 0)):
+            _, err = process.communicate(timeout=120)
+            assert (process.returncode, err.splitlines()) == (2, [
+                f"train.py: error: worker {missing} ({addresses[missing]}) did not join within --join_timeout=3 s; "
+                f"start every worker of TF_CONFIG with the same command"]), err
+    finally:
+        for process in lone:
+            process.kill()
 
 
 def test_a_port_taken_by_another_program_is_one_line(tmp_path):
