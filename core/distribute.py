@@ -109,10 +109,25 @@ def make_strategy(name="default", cpu_devices=None, timeout_seconds=DEFAULT_TIME
         config = json.loads(os.environ["TF_CONFIG"])
     except ValueError as error:
         raise DistributeError(f"TF_CONFIG is not valid JSON: {error}") from None
+    _check_task(config)
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.RING,
         timeout_seconds=timeout_seconds)
     return _join(config, options, join_seconds)
+
+
+def _check_task(config):
+    """DistributeError unless TF_CONFIG names a cluster of chief/worker addresses and a task that is one of them."""
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    jobs = {job: addresses for job, addresses in (cluster or {}).items()
+            if job in ("chief", "worker") and isinstance(addresses, list) and addresses}
+    if not jobs:
+        raise DistributeError('TF_CONFIG has no cluster of "chief" or "worker" addresses (see docs/distributed.md)')
+    task = config.get("task")
+    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+    if kind not in jobs or isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(jobs[kind]):
+        have = ", ".join(f"{job} 0..{len(addresses) - 1}" for job, addresses in jobs.items())
+        raise DistributeError(f"TF_CONFIG's task {json.dumps(task)} is not one of its cluster's ({have})")
 
 
 def _join(config, options, seconds):

@@ -287,3 +287,27 @@ def test_a_failed_export_names_its_reason(monkeypatch, tmp_path):
         "export failed (ValueError: Unable to save function b'__inference_signature_wrapper_7' for the following "
         "reason(s): ConcreteFunction that uses distributed variables in certain way cannot be saved.); the trained "
         f"weights are in {tmp_path / 'run' / 'checkpoints'}")
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    (None, "--strategy=multi_worker needs the TF_CONFIG environment variable (see docs/distributed.md, or start "
+           "local workers with python -m cluster.launch)"),
+    ("{'cluster': 1}", "TF_CONFIG is not valid JSON: Expecting property name enclosed in double quotes: line 1 "
+                       "column 2 (char 1)"),
+    ('{"cluster": {}, "task": {"type": "worker", "index": 0}}',
+     'TF_CONFIG has no cluster of "chief" or "worker" addresses (see docs/distributed.md)'),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
+     'TF_CONFIG\'s task {"type": "worker", "index": 3} is not one of its cluster\'s (worker 0..0)'),
+    ('{"cluster": {"chief": ["h:1"], "worker": ["h:2", "h:3"]}, "task": {"type": "ps", "index": 0}}',
+     'TF_CONFIG\'s task {"type": "ps", "index": 0} is not one of its cluster\'s (chief 0..0, worker 0..1)'),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}}', "TF_CONFIG's task null is not one of its cluster's (worker 0..0)"),
+])
+def test_a_tf_config_that_names_no_task_of_its_cluster_is_one_line(monkeypatch, tf_config, message):
+    """Checked before TensorFlow starts a server (an index past the cluster was a traceback)."""
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(distribute.DistributeError) as raised:
+        distribute.make_strategy("multi_worker")
+    assert str(raised.value) == message
