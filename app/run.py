@@ -13,6 +13,7 @@ import functools
 import os
 import signal
 import time
+import zlib
 
 from app.console import EpochReport, describe_training, plural, one_cpu_hint, report
 from app.rundirs import check_export_dirs, check_resume, claim_run_dir, interrupted, resume_hint
@@ -66,6 +67,8 @@ def run(config, out=print):
         raise FlagError("--strategy=multi_worker needs --run_name: every worker must name the same run")
     strategy = make_strategy(config)
     from core import distribute
+    with lost_workers(strategy, config.collective_timeout):
+        check_same_settings(config, strategy)
     data = check_data(config, strategy, out)
     claimed = claim_run_dir(config) if distribute.is_chief(strategy) else None
     run_dir = claimed.path if claimed else os.path.join(os.path.expanduser(config.logdir), config.run_name)
@@ -81,6 +84,24 @@ def run(config, out=print):
     finally:
         if claimed:
             claimed.release()
+
+
+# What each worker of a multi-worker job may set for itself: where its files are, and its progress bar.
+PER_WORKER_SETTINGS = ("data_dir", "logdir", "export_dir", "progress")
+
+
+def check_same_settings(config, strategy):
+    """FlagError naming the settings in which the workers' commands differ: every worker must run the same
+    command (but for PER_WORKER_SETTINGS), or their collectives mismatch. One exchange of a digest per setting
+    (distribute.WorkerTable), the same answer on every worker; nothing without a cluster."""
+    from core import distribute
+    keys = [field.name for field in dataclasses.fields(config) if field.name not in PER_WORKER_SETTINGS]
+    digests = [zlib.crc32(repr(getattr(config, key)).encode()) % 2 ** 24 for key in keys]
+    table = distribute.WorkerTable(strategy, len(keys))(digests)
+    differ = [f"--{key}" for key, column in zip(keys, table.T) if len(set(column.tolist())) > 1]
+    if differ:
+        raise FlagError(f"the workers' commands differ in {', '.join(differ)}: every worker must run the same "
+                        f"command (only --{', --'.join(PER_WORKER_SETTINGS)} may differ)")
 
 
 @contextlib.contextmanager

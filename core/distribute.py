@@ -46,7 +46,7 @@ from core.native_logs import quiet_native_logs
 __all__ = ["STRATEGIES", "DistributeError", "configure_cpu_devices", "make_strategy", "replica_batch_size",
            "distribute_batches", "all_reduce_sum", "all_reduce_gradients", "on_every_replica",
            "cross_replica_moments", "check_in_scope", "settle", "worker_index", "is_chief", "WorkerDirectory",
-           "lost_worker", "server_failure", "not_joined", "describe"]
+           "WorkerTable", "WorkerVote", "lost_worker", "server_failure", "not_joined", "describe"]
 
 # Seconds a collective waits for its peers before failing: how long a lost worker can stall the others.
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -342,25 +342,46 @@ def worker_index(strategy):
     return index, count
 
 
+class WorkerTable:
+    """Every worker's row of `width` numbers, gathered on every worker: table(row) -> [workers, width] array, row i
+    from worker i. One small all-reduce: each worker puts its row in its own line of a table of zeros (its first
+    replica does; the others add zeros) and the sum is the table. Every worker must call it at the same point
+    of its program; without a cluster there is no collective: [row]. Rows are float32, so integers up to 2^24
+    arrive exactly."""
+
+    def __init__(self, strategy, width=1):
+        self.index, self.count = worker_index(strategy)
+        self.width = width
+        self._sum = None
+        if self.count > 1:
+            per_worker = max(strategy.num_replicas_in_sync // self.count, 1)
+
+            def total(table):
+                def own_line():
+                    first = tf.distribute.get_replica_context().replica_id_in_sync_group % per_worker == 0
+                    return tf.where(first, table, tf.zeros_like(table))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(own_line), axis=None)
+            self._sum = tf.function(total)
+
+    def __call__(self, row):
+        row = np.asarray(row, np.float32).reshape([self.width])
+        if self._sum is None:
+            return row[np.newaxis]
+        table = np.zeros([self.count, self.width], np.float32)
+        table[self.index] = row
+        return self._sum(tf.constant(table)).numpy()
+
+
 class WorkerVote:
     """Which workers ask for something, answered alike on every worker: vote(asks) -> the indices of the workers
     that passed True. A decision one worker may take alone (a signal stops it) must be taken by all of them at
-    the same step, or the others wait in a collective it never joins. One small all-reduce per vote, which
-    every worker makes at the same point of its loop; without a cluster, none: [0] or []."""
+    the same step, or the others wait in a collective it never joins. One WorkerTable exchange per vote."""
 
     def __init__(self, strategy):
-        self.index, self.count = worker_index(strategy)
-        self._sum = None
-        if self.count > 1:
-            def total(ballot):  # every replica passes its worker's ballot; a sum > 0 means that worker asked
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: ballot), axis=None)
-            self._sum = tf.function(total)
+        self._table = WorkerTable(strategy)
 
     def __call__(self, asks):
-        if self._sum is None:
-            return [0] if asks else []
-        ballot = tf.one_hot(self.index, self.count) * (1.0 if asks else 0.0)
-        return [int(i) for i in np.flatnonzero(self._sum(ballot).numpy() > 0)]
+        return [int(i) for i in np.flatnonzero(self._table([1.0 if asks else 0.0])[:, 0] > 0)]
 
 
 def is_chief(strategy):

@@ -4,7 +4,8 @@ end with identical weights, equal to one process trained straight at the same gl
 (dense, conv, conv_bn with its per-worker BatchNorm statistics) exports a SavedModel that scores what the
 checkpoint restored in one process scores; a port taken by another program is one line. Each training job is a
 few steps on the first 512 MNIST training images; one job serves the kill, the resume and the equality. A
-SIGTERM to one worker stops both at the same step, each with one line."""
+SIGTERM to one worker stops both at the same step, each with one line; workers whose commands differ, or whose
+peers never start, stop with one line."""
 import gzip
 import os
 import re
@@ -32,7 +33,7 @@ FLAGS = ["--model=dense", "--optimizer=sgd", "--learning_rate=0.1", "--batch_siz
 # Every worker of `python -m cluster.launch --program=<this>`: builds each family under the strategy with the
 # same random weights on every worker and BatchNorm statistics of its own (as training leaves them), then, as
 # train.py does, saves a checkpoint and exports (both read every worker; the chief writes, the others write
-# a temporary copy); then worker 1 alone asks in a WorkerVote.
+# a temporary copy); then worker 1 alone asks in a WorkerVote, and each gives its row of a WorkerTable.
 EXPORTER = """
 import os, sys
 sys.path.insert(0, {repo!r})
@@ -62,6 +63,7 @@ for name in ("dense", "conv", "conv_bn"):
     print("exported", name, flush=True)
 writes.cleanup()
 print("workers asking:", distribute.WorkerVote(strategy)(index == 1), flush=True)
+print("table:", distribute.WorkerTable(strategy, 2)([index, 7]).tolist(), flush=True)
 """
 
 
@@ -194,10 +196,31 @@ def test_every_family_exports_what_its_checkpoint_restores_in_one_process(jobs, 
     assert all(0.05 < np.mean(mean) < 0.45 for mean in statistics)  # the mean of two workers' uniform(0, 0.5)
 
 
-def test_every_worker_hears_the_vote_of_one(jobs):
+def test_every_worker_hears_the_vote_of_one_and_gets_every_row_of_a_table(jobs):
     _, runs = jobs
     lines = runs["exports"][1][0]
     assert {"[worker 0] workers asking: [1]", "[worker 1] workers asking: [1]"} <= set(lines), "\n".join(lines)
+    assert {f"[worker {i}] table: [[0.0, 7.0], [1.0, 7.0]]" for i in (0, 1)} <= set(lines), "\n".join(lines)
+
+
+def test_workers_whose_commands_differ_stop_at_once_with_one_line(small_mnist, tmp_path):
+    """Worker 1 given another --model (and so the model's own --summaries_every_epochs), --epochs and --logdir:
+    both stop before reading any data, each with the same line naming the settings that differ."""
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    flags = job(small_mnist, tmp_path, "differ")
+    commands = [flags, flags + ["--model=softmax", "--epochs=3", f"--logdir={tmp_path / 'elsewhere'}"]]
+    workers = [subprocess.Popen([sys.executable, TRAIN, *command, "--strategy=multi_worker"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=tf_config(addresses, index)))
+               for index, command in enumerate(commands)]
+    try:
+        results = [worker.communicate(timeout=TIMEOUT + 60) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    line = ("train.py: error: the workers' commands differ in --epochs, --summaries_every_epochs, --model: every "
+            "worker must run the same command (only --data_dir, --logdir, --export_dir, --progress may differ)")
+    assert [(worker.returncode, err.splitlines()) for worker, (_, err) in zip(workers, results)] == [(2, [line])] * 2
 
 
 def test_a_signal_to_one_worker_stops_every_worker_at_the_same_step(small_mnist, tmp_path):
