@@ -43,7 +43,13 @@ from app import export
 from core import distribute
 from models import REGISTRY
 
+import signal, time
+handled = []
+signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
 strategy = distribute.make_strategy("multi_worker", timeout_seconds={timeout})
+os.kill(os.getpid(), signal.SIGTERM)  # TensorFlow's preemption notifier took SIGTERM while joining; no longer
+time.sleep(0.5)
+print("SIGTERM reaches Python after the join:", handled == [signal.SIGTERM], flush=True)
 index = distribute.worker_index(strategy)[0]
 writes = distribute.WorkerDirectory({directory!r}, strategy)
 for name in ("dense", "conv", "conv_bn"):
@@ -196,11 +202,12 @@ def test_every_family_exports_what_its_checkpoint_restores_in_one_process(jobs, 
     assert all(0.05 < np.mean(mean) < 0.45 for mean in statistics)  # the mean of two workers' uniform(0, 0.5)
 
 
-def test_every_worker_hears_the_vote_of_one_and_gets_every_row_of_a_table(jobs):
+def test_every_worker_hears_the_vote_of_one_gets_every_row_of_a_table_and_its_own_sigterm(jobs):
     _, runs = jobs
     lines = runs["exports"][1][0]
     assert {"[worker 0] workers asking: [1]", "[worker 1] workers asking: [1]"} <= set(lines), "\n".join(lines)
     assert {f"[worker {i}] table: [[0.0, 7.0], [1.0, 7.0]]" for i in (0, 1)} <= set(lines), "\n".join(lines)
+    assert {f"[worker {i}] SIGTERM reaches Python after the join: True" for i in (0, 1)} <= set(lines)
 
 
 def test_workers_whose_commands_differ_stop_at_once_with_one_line(small_mnist, tmp_path):
