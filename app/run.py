@@ -70,6 +70,8 @@ def run(config, out=print):
     with lost_workers(strategy, config.collective_timeout):
         check_same_settings(config, strategy)
     data = check_data(config, strategy, out)
+    with lost_workers(strategy, config.collective_timeout):
+        check_same_data(data, strategy)
     claimed = claim_run_dir(config) if distribute.is_chief(strategy) else None
     run_dir = claimed.path if claimed else os.path.join(os.path.expanduser(config.logdir), config.run_name)
     try:
@@ -90,18 +92,42 @@ def run(config, out=print):
 PER_WORKER_SETTINGS = ("data_dir", "logdir", "export_dir", "progress")
 
 
+def workers_differ(strategy, values):
+    """The names of `values` ({name: value}) whose value is not the same on every worker: one exchange of a digest
+    per name (distribute.WorkerTable), the same answer on every worker; [] without a cluster."""
+    from core import distribute
+    names = list(values)
+    digests = [zlib.crc32(repr(values[name]).encode()) % 2 ** 24 for name in names]
+    table = distribute.WorkerTable(strategy, len(names))(digests)
+    return [name for name, column in zip(names, table.T) if len(set(column.tolist())) > 1]
+
+
 def check_same_settings(config, strategy):
     """FlagError naming the settings in which the workers' commands differ: every worker must run the same
-    command (but for PER_WORKER_SETTINGS), or their collectives mismatch. One exchange of a digest per setting
-    (distribute.WorkerTable), the same answer on every worker; nothing without a cluster."""
-    from core import distribute
-    keys = [field.name for field in dataclasses.fields(config) if field.name not in PER_WORKER_SETTINGS]
-    digests = [zlib.crc32(repr(getattr(config, key)).encode()) % 2 ** 24 for key in keys]
-    table = distribute.WorkerTable(strategy, len(keys))(digests)
-    differ = [f"--{key}" for key, column in zip(keys, table.T) if len(set(column.tolist())) > 1]
+    command (but for PER_WORKER_SETTINGS), or their collectives mismatch."""
+    differ = workers_differ(strategy, {f"--{field.name}": getattr(config, field.name)
+                                       for field in dataclasses.fields(config)
+                                       if field.name not in PER_WORKER_SETTINGS})
     if differ:
         raise FlagError(f"the workers' commands differ in {', '.join(differ)}: every worker must run the same "
                         f"command (only --{', --'.join(PER_WORKER_SETTINGS)} may differ)")
+
+
+def check_same_data(data, strategy):
+    """RunError naming what differs when the workers read different data (their --data_dir may differ, the data
+    may not): the counts, the image shape, the classes, and a checksum of every split's pixels and labels."""
+    from core import distribute
+    if distribute.worker_index(strategy)[1] == 1:
+        return
+    (train, validation, test), (image_shape, classes), _ = data
+    values = {"image shape": image_shape, "classes": classes}
+    for name, split in (("training", train), ("validation", validation), ("test", test)):
+        values[f"{name} images"] = (len(split), zlib.crc32(split.images.numpy().tobytes()),
+                                    zlib.crc32(split.labels.numpy().tobytes()))
+    differ = workers_differ(strategy, values)
+    if differ:
+        raise RunError(f"the workers' data differ in {', '.join(differ)}: every worker must read the same data set "
+                       f"(--data_dir may differ, its files may not)")
 
 
 @contextlib.contextmanager

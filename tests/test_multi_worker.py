@@ -4,7 +4,7 @@ end with identical weights, equal to one process trained straight at the same gl
 (dense, conv, conv_bn with its per-worker BatchNorm statistics) exports a SavedModel that scores what the
 checkpoint restored in one process scores; a port taken by another program is one line. Each training job is a
 few steps on the first 512 MNIST training images; one job serves the kill, the resume and the equality. A
-SIGTERM to one worker stops both at the same step, each with one line; workers whose commands differ, or whose
+SIGTERM to one worker stops both at the same step, each with one line; workers whose commands or data differ, or whose
 peers never start, stop with one line."""
 import gzip
 import os
@@ -210,24 +210,35 @@ def test_every_worker_hears_the_vote_of_one_gets_every_row_of_a_table_and_its_ow
     assert {f"[worker {i}] SIGTERM reaches Python after the join: True" for i in (0, 1)} <= set(lines)
 
 
-def test_workers_whose_commands_differ_stop_at_once_with_one_line(small_mnist, tmp_path):
-    """Worker 1 given another --model (and so the model's own --summaries_every_epochs), --epochs and --logdir:
-    both stop before reading any data, each with the same line naming the settings that differ."""
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+def test_workers_whose_commands_or_data_differ_stop_at_once_with_one_line(small_mnist, tmp_path):
+    """Two jobs at once. In one, worker 1 is given another --model (and so the model's own
+    --summaries_every_epochs), --epochs and --logdir: both stop before reading any data, each with the same line
+    naming the settings that differ. In the other, worker 1's --data_dir holds the first 256 of the 512 training
+    images: both stop before training, naming the training images."""
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for name in idx.FILES.values():
+        examples = read_idx(os.path.join(small_mnist, name + ".gz"))
+        idx.write_idx(fewer / (name + ".gz"), examples[:256] if name.startswith("train") else examples)
     flags = job(small_mnist, tmp_path, "differ")
-    commands = [flags, flags + ["--model=softmax", "--epochs=3", f"--logdir={tmp_path / 'elsewhere'}"]]
+    commands = [flags, flags + ["--model=softmax", "--epochs=3", f"--logdir={tmp_path / 'elsewhere'}"],
+                flags, flags + [f"--data_dir={fewer}"]]
+    clusters = [[f"127.0.0.1:{port}" for port in free_ports(2)] for _ in range(2)]
     workers = [subprocess.Popen([sys.executable, TRAIN, *command, "--strategy=multi_worker"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=tf_config(addresses, index)))
-               for index, command in enumerate(commands)]
+                                stderr=subprocess.PIPE, text=True, env=dict(
+                                    os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=tf_config(clusters[i // 2], i % 2)))
+               for i, command in enumerate(commands)]
     try:
         results = [worker.communicate(timeout=TIMEOUT + 60) for worker in workers]
     finally:
         for worker in workers:
             worker.kill()
-    line = ("train.py: error: the workers' commands differ in --epochs, --summaries_every_epochs, --model: every "
-            "worker must run the same command (only --data_dir, --logdir, --export_dir, --progress may differ)")
-    assert [(worker.returncode, err.splitlines()) for worker, (_, err) in zip(workers, results)] == [(2, [line])] * 2
+    settings = ("train.py: error: the workers' commands differ in --epochs, --summaries_every_epochs, --model: every "
+                "worker must run the same command (only --data_dir, --logdir, --export_dir, --progress may differ)")
+    data = ("train.py: error: the workers' data differ in training images: every worker must read the same data set "
+            "(--data_dir may differ, its files may not)")
+    assert [(worker.returncode, err.splitlines()) for worker, (_, err) in zip(workers, results)] == [
+        (2, [settings])] * 2 + [(1, [data])] * 2
 
 
 def test_a_signal_to_one_worker_stops_every_worker_at_the_same_step(small_mnist, tmp_path):
