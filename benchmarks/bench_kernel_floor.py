@@ -132,8 +132,8 @@ def main(argv):
     from datasets import idx
 
     logging.set_verbosity(logging.WARNING)
-    cases = [case for case in FLAGS.cases if case in FLOOR_CASES] if FLAGS["cases"].present else ["conv_bn",
-                                                                                                    "conv_bn_mixed"]
+    cases = ([case for case in FLAGS.cases if case in FLOOR_CASES] if FLAGS["cases"].present
+             else ["conv_bn", "conv_bn_mixed"])
     if not cases:
         raise app.UsageError(f"--cases: choose from {', '.join(FLOOR_CASES)}")
     tf.config.experimental.enable_op_determinism()
@@ -157,9 +157,10 @@ def main(argv):
                        f"{floor / theirs:.2f} | {'<= ' + str(target) if target else ''} | {100 * share:.0f}% of "
                        f"{peak:.0f} GFLOP/s |")
         print(summary[-1], flush=True)
-        details.append(f"**{label}**: each kernel alone, ms (the floor {floor:.2f} ms; our step "
-                       f"{ours:.2f}, rounds {', '.join(f'{t:.2f}' for t in times['ours'])}; Keras {theirs:.2f}, rounds "
-                       f"{', '.join(f'{t:.2f}' for t in times['keras'])})\n\n| layer | kernel | ms |\n| --- | --- | --- |\n"
+        rounds = {side: ", ".join(f"{t:.2f}" for t in times[side]) for side in ("ours", "keras")}
+        details.append(f"**{label}**: each kernel alone, ms (the floor {floor:.2f} ms; our step {ours:.2f}, rounds "
+                       f"{rounds['ours']}; Keras {theirs:.2f}, rounds {rounds['keras']})\n\n"
+                       "| layer | kernel | ms |\n| --- | --- | --- |\n"
                        + "\n".join(f"| {layer} | {what} | {ms:.3f} |" for layer, what, ms in rows))
     cpu, bf16 = results.cpu_flags()
     body = [f"CPU: {cpu}; flags: " + ", ".join(f"{flag} {'yes' if on else 'no'}" for flag, on in bf16.items())

@@ -4,8 +4,8 @@ end with identical weights, equal to one process trained straight at the same gl
 (dense, conv, conv_bn with its per-worker BatchNorm statistics) exports a SavedModel that scores what the
 checkpoint restored in one process scores; a port taken by another program is one line. Each training job is a
 few steps on the first 512 MNIST training images; one job serves the kill, the resume and the equality. A
-SIGTERM to one worker stops both at the same step, each with one line; workers whose commands or data differ, or whose
-peers never start, stop with one line."""
+SIGTERM to one worker stops both at the same step, each with one line; workers whose commands or data differ,
+or whose peers never start, stop with one line."""
 import gzip
 import os
 import re
@@ -245,7 +245,8 @@ def test_a_signal_to_one_worker_stops_every_worker_at_the_same_step(small_mnist,
     """SIGTERM to worker 1 alone (a scheduler taking back one machine) while the job trains: both workers stop
     at the same step with one line each, the chief's checkpoint holds that step, and both exit 143, which a
     scheduler restarts; the same command then resumes (test_a_lost_worker_stops_the_other_with_one_line_...)."""
-    flags = [flag for flag in job(small_mnist, tmp_path, "signal") if not flag.startswith(("--epochs", "--steps_per_epoch"))]
+    flags = [flag for flag in job(small_mnist, tmp_path, "signal")
+             if not flag.startswith(("--epochs", "--steps_per_epoch"))]
     workers = start(flags + ["--epochs=300"])  # 16 steps an epoch: still training long after the first
     try:
         for line in workers[0].stdout:
@@ -277,7 +278,8 @@ def test_a_worker_waits_for_the_others_at_most_join_timeout_and_a_signal_ends_th
     the system's action, ending the process; SIGTERM goes to TensorFlow's preemption notifier meanwhile)."""
     clusters = [[f"127.0.0.1:{port}" for port in free_ports(2)] for _ in range(3)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, TRAIN, "--model=dense", "--strategy=multi_worker", "--run_name=j", f"--logdir={tmp_path}"]
+    command = [sys.executable, TRAIN, "--model=dense", "--strategy=multi_worker", "--run_name=j",
+               f"--logdir={tmp_path}"]
     lone = [subprocess.Popen(command + [f"--join_timeout={seconds}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=dict(env, TF_CONFIG=tf_config(addresses, index)))
             for addresses, index, seconds in zip(clusters, (0, 1, 1), (1, 1, 600))]
