@@ -36,7 +36,8 @@ def find_mnist():
 
 # The files that take longest, longest first: run first, they leave no long file for one worker alone at the end.
 LONGEST_FIRST = ("test_notebooks.py", "test_hardening.py", "test_multi_worker.py", "test_train_cli.py",
-                 "test_serve.py", "test_export.py", "test_distribute.py", "test_summaries.py")
+                 "test_multi_worker_agreement.py", "test_serve.py", "test_export.py", "test_distribute.py",
+                 "test_summaries.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
