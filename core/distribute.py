@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 
@@ -136,10 +137,10 @@ def _join(config, options, seconds):
     no signal handler or thread can run until it returns, and by default it waits an hour. Here the wait is a
     barrier of `seconds` (the coordination service MultiWorkerMirroredStrategy would configure, with
     `cluster_register_with_barrier`, which its public setter does not take): past it every waiting worker gets
-    DeadlineExceeded, one line naming the workers that are not up. Meanwhile SIGINT and SIGTERM keep the
-    system's default action and end the process at once: nothing has been written yet."""
-    import signal
-
+    DeadlineExceeded, one line naming the workers that are not up. Meanwhile SIGINT keeps the system's default
+    action and ends the process at once (nothing has been written yet); so does SIGTERM until TensorFlow's
+    preemption notifier installs its own handler, which only records it. Python's handlers come back after.
+    """
     from tensorflow.python.distribute import multi_worker_util
     from tensorflow.python.eager import context
 
