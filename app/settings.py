@@ -27,8 +27,14 @@ def _not_empty(value):
     return None if value.strip() else "must not be empty"
 
 
-def _positive(value):
-    return None if value > 0 else f"must be > 0, got {value:g}"
+# The longest wait a timeout may ask for, in seconds (about 11.6 days): infinity would wait forever, and
+# TensorFlow counts its timeouts in 64-bit milliseconds.
+MAX_TIMEOUT_SECONDS = 1e6
+
+
+def _timeout(value):
+    return (None if 0 < value <= MAX_TIMEOUT_SECONDS else
+            f"must be > 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds, got {value:g}")
 
 
 def _optional_positive_int(value):
@@ -90,9 +96,9 @@ class RunConfig(TrainingConfig):
     restore_best: bool = setting(False, "Test, export and report the weights of the epoch with the best "
                                  "--early_stopping_metric, not the last epoch's.", math=True, hparam=False)
     collective_timeout: float = setting(60.0, "Seconds a multi-worker all-reduce waits for a lost worker before "
-                                        "the run stops.", _positive)
+                                        "the run stops.", _timeout)
     join_timeout: float = setting(600.0, "Seconds a multi-worker start waits for every worker of TF_CONFIG to "
-                                  "join before it stops.", _positive)
+                                  "join before it stops.", _timeout)
 
     def hparams(self):
         """The settings that shape the result, for the HParams dashboard and metrics.json."""
