@@ -35,6 +35,9 @@ flags.DEFINE_integer("workers", 2, "Number of worker processes (at most one per 
 flags.DEFINE_string("program", "train.py", "The training program every worker runs.")
 flags.DEFINE_float("grace_seconds", 120.0, "After a worker fails, or the launcher gets SIGTERM or SIGINT, how "
                    "long the workers may take to stop before they are killed.")
+# At most 1e6 s (about 11.6 days), and a number: infinity or NaN would never kill a worker that does not stop.
+flags.register_validator("grace_seconds", lambda seconds: 0 <= seconds <= 1e6,
+                         message="--grace_seconds must be between 0 and 1e6 seconds")
 
 # Memory one worker may need: train.py --model=conv_bn on MNIST peaked at 1.6 GB.
 WORKER_MEMORY = 2 * 2**30

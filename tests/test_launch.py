@@ -177,7 +177,11 @@ def test_workers_are_bounded_by_the_machine(monkeypatch):
 
 @pytest.mark.parametrize("flag, message", [
     ("--workers=abc", "cluster.launch: error: flag --workers=abc: invalid literal for int() with base 10: 'abc'"),
-    ("--model=conv", "cluster.launch: error: Unknown command line flag 'model'; the program's own flags go after --")])
+    ("--model=conv", "cluster.launch: error: Unknown command line flag 'model'; the program's own flags go after --"),
+    ("--grace_seconds=inf", "cluster.launch: error: flag --grace_seconds=inf: --grace_seconds must be between 0 and "
+                            "1e6 seconds"),
+    ("--grace_seconds=nan", "cluster.launch: error: flag --grace_seconds=nan: --grace_seconds must be between 0 and "
+                            "1e6 seconds")])
 def test_a_bad_flag_is_one_line(flag, message):
     result = subprocess.run([sys.executable, "-m", "cluster.launch", flag], cwd=REPO, capture_output=True,
                             text=True, timeout=30)
