@@ -108,3 +108,38 @@ def test_every_choice_is_read_from_a_registry_and_each_name_works():
         assert float(optimizer.learning_rate(20)) == pytest.approx(0.001 * 0.5 ** 2)  # two epochs of 10 steps
     for name in names.GRADIENTS:
         assert callable(names.gradient_function(name))
+
+
+def test_workers_whose_commands_differ_are_told_which_settings(monkeypatch):
+    """check_same_settings on worker 0 of two (dense, 2 epochs) when worker 1 runs softmax for 3 epochs with its
+    own --logdir: the exchange (distribute.WorkerTable) is played here with worker 1's real row. The settings that
+    differ, the models' own ones included, are named; --logdir may differ. Two processes:
+    test_multi_worker_agreement.py."""
+    import numpy as np
+
+    from app import run
+    from app.settings import FlagError
+    from core import distribute
+
+    rows = []
+
+    class TwoWorkers:
+        def __init__(self, strategy, width):
+            pass
+
+        def __call__(self, row):
+            rows.append(np.asarray(row, np.float32))
+            return np.stack(rows[-2:]) if len(rows) > 1 else rows[0][np.newaxis]
+
+    monkeypatch.setattr(distribute, "WorkerTable", TwoWorkers)
+    run.check_same_settings(train.make_config({"model": "softmax", "epochs": 3, "logdir": "/b", "run_name": "r"}), None)
+    with pytest.raises(FlagError) as raised:
+        run.check_same_settings(train.make_config({"model": "dense", "epochs": 2, "logdir": "/a", "run_name": "r"}),
+                                None)
+    assert str(raised.value) == (
+        "the workers' commands differ in --batch_size, --epochs, --optimizer, --learning_rate, "
+        "--summaries_every_epochs, --jit_compile, --model: every worker must run the same command (only --data_dir, "
+        "--logdir, --export_dir, --progress may differ)")
+    rows.clear()
+    for logdir in ("/a", "/b"):  # the same command but for --logdir: no error
+        run.check_same_settings(train.make_config({"model": "dense", "logdir": logdir, "run_name": "r"}), None)
