@@ -267,7 +267,9 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
         raise Interrupted(f"stopped at step {int(optimizer.step.numpy()):,} with worker {workers}, which was "
                           f"interrupted; its checkpoint is in {kept}: {resume_hint(config, chief_run_dir)}",
                           128 + signal.SIGTERM)
-    results = trainer.evaluate(data.evaluation_batches(test))
+    results = tested_at_the_last_epoch_end(history, int(optimizer.step.numpy())) if validation is test else None
+    if results is None:
+        results = trainer.evaluate(data.evaluation_batches(test))
 
     with runner.averaged_weights():  # --ema: the moving averages are the exported model
         exported = [export_model(model, path, chief_run_dir) for path in export_dirs]
@@ -302,6 +304,16 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
     if chief:
         report(metrics, config, out, full_run=codelab_run(config, spec, len(train), steps_per_epoch))
     return metrics
+
+
+def tested_at_the_last_epoch_end(history, step):
+    """{loss, accuracy} of the last epoch end's validation when it evaluated the weights the model holds now (it
+    ended at `step` and early stopping restored no other epoch's), else None. With --validation=test that
+    evaluation is the test: evaluating the same weights on the same images again gives the same figures."""
+    last = history.epochs[-1] if history.epochs else {}
+    if last.get("step") != step or "val_loss" not in last or history.stopped.get("restored"):
+        return None
+    return {"loss": last["val_loss"], "accuracy": last["val_accuracy"]}
 
 
 def codelab_run(config, spec, train_count, steps_per_epoch):

@@ -366,6 +366,32 @@ def test_jit_compile_trains_exports_and_keeps_the_nan_guard(mnist_dir, tmp_path,
     assert_one_error_line(failed, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
 
 
+def test_the_test_images_are_evaluated_once_for_the_final_weights(small_mnist, tmp_path, capsys, monkeypatch):
+    """With --validation=test the last epoch end has just evaluated the final weights on the test images: the
+    final test figures are that evaluation's, not a second run of it. Weights the last epoch end did not
+    evaluate (early stopping's restored best epoch) are evaluated again."""
+    from app.run import tested_at_the_last_epoch_end
+    from core.trainer import History, Trainer
+
+    calls = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, dataset: calls.append(1) or evaluate(self, dataset))
+    result = cli("--model=softmax", "--epochs=2", "--steps_per_epoch=8", "--batch_size=16", "--noprogress",
+                 f"--data_dir={small_mnist}", f"--logdir={tmp_path}", "--run_name=once", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "once" / "metrics.json").read_text())
+    assert len(calls) == 2 and metrics["test_accuracy"] == metrics["final_val_accuracy"]
+
+    last = {"epoch": 2, "step": 16, "val_loss": 0.5, "val_accuracy": 0.875}
+    history = History(epochs=[{**last, "epoch": 1, "step": 8}, last])
+    history.stopped = {"reason": "epochs", "epoch": 2}
+    assert tested_at_the_last_epoch_end(history, 16) == {"loss": 0.5, "accuracy": 0.875}
+    assert tested_at_the_last_epoch_end(history, 17) is None  # updates after the last epoch end
+    history.stopped = {"reason": "early_stopping", "epoch": 2, "restored": True}
+    assert tested_at_the_last_epoch_end(history, 16) is None
+    assert tested_at_the_last_epoch_end(History(), 0) is None
+
+
 def test_resume_continues_a_run_and_refuses_other_settings(mnist_dir, tmp_path, capsys):
     common = ["--model=softmax", "--steps_per_epoch=20", "--log_every=10", "--noprogress",
               f"--data_dir={mnist_dir}", f"--logdir={tmp_path}", "--run_name=r"]
