@@ -5,10 +5,12 @@ step of our Trainer against keras model.fit on the same batches in the same proc
     python benchmarks/bench_models.py                                  # everything, hours on a small CPU
     python benchmarks/bench_models.py --models=conv,conv_bn --seed=2   # some models
     python benchmarks/bench_models.py --steps=20 --timing_steps=20     # a quick check that it all works
+    python benchmarks/bench_models.py --models=conv_bn --formulas      # every layer on its formula (fused=False)
 
 train.py's flags (--epochs, --steps_per_epoch, --data_dir, --logdir, --seed, ...) apply to every model.
 The figures also go into this command's section of benchmarks/RESULTS.md.
 """
+import dataclasses
 import math
 import os
 import statistics
@@ -32,6 +34,8 @@ flags.DEFINE_integer("steps", None, "Quick check: train each model for 1 epoch o
 flags.DEFINE_integer("timing_steps", 200, "Steps timed for the conv ms/step comparison (after a warm-up); "
                      "0 skips it.")
 flags.DEFINE_integer("warmup_steps", 20, "Steps run (and not timed) before the timed ones.")
+flags.DEFINE_bool("formulas", False, "Every layer on its formula (fused=False, the reference path) instead of its "
+                  "fused kernel: the accuracy that the fast paths must leave unchanged.")
 FLAGS = flags.FLAGS
 
 SEEDS = {"conv_bn": 3}  # conv_bn's target is the median of 3 seeds
@@ -42,17 +46,39 @@ def seeds_for(name, seed):
     return [seed + i for i in range(SEEDS.get(name, 1))]
 
 
-def train_all(names, overrides, stamp):
-    """Runs train.run for each model (and seed); returns [(name, seed, metrics)]."""
+def train_all(names, overrides, stamp, formulas=False):
+    """Runs train.run for each model (and seed); returns [(name, seed, metrics)]. formulas: every layer of the
+    models on its formula."""
     from models import REGISTRY
     rows = []
     for name in names:
         for seed in seeds_for(name, overrides.get("seed") or 1):
             values = {**overrides, "model": name, "seed": seed, "run_name": f"bench-{name}-s{seed}-{stamp}"}
             config = train.make_config(values, REGISTRY)
-            print(f"\n=== {name}, seed {seed}: {describe_training(config)}", flush=True)
-            rows.append((name, seed, train.run(config)))
+            print(f"\n=== {name}, seed {seed}{', every layer on its formula' if formulas else ''}: "
+                  f"{describe_training(config)}", flush=True)
+            spec = REGISTRY[name]
+            if formulas:
+                REGISTRY[name] = on_formulas(spec)
+            try:
+                rows.append((name, seed, train.run(config)))
+            finally:
+                REGISTRY[name] = spec
     return rows
+
+
+def on_formulas(spec):
+    """A copy of the ModelSpec `spec` whose models have every layer on its formula (fused=False)."""
+    from benchmarks.fast_path_levers import on_formulas as put_on_formulas
+    build = spec.build
+
+    def formulas(*args, **kwargs):
+        model = build(*args, **kwargs)
+        put_on_formulas(model, "formulas")
+        return model
+    copy = dataclasses.replace(spec)
+    object.__setattr__(copy, "build", formulas)  # build's options go through to the spec's own builder
+    return copy
 
 
 def markdown_table(rows):
@@ -189,12 +215,13 @@ def main(argv):
         train.fail(f"unknown model(s) {', '.join(unknown)}; choose from: {', '.join(REGISTRY)}", 2)
     try:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        rows = train_all(names, values, stamp)
+        rows = train_all(names, values, stamp, FLAGS.formulas)
         figures = [markdown_table(rows)]
         if FLAGS.timing_steps:
             figures.append(compare_step_time({**values, "model": "conv"}, FLAGS.warmup_steps, FLAGS.timing_steps))
         print("\n" + "\n\n".join(figures))
-        results.record("Every model with its codelab defaults", "\n\n".join(figures))
+        title = "Every model with its codelab defaults" + (", every layer on its formula" if FLAGS.formulas else "")
+        results.record(title, "\n\n".join(figures))
     except train.FlagError as error:
         train.fail(str(error), 2)
     except train.RunError as error:
