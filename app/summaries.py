@@ -93,6 +93,18 @@ def write_histograms(named_tensors):
         tf.summary.write(tag, _compiled_buckets(values), metadata=metadata)
 
 
+SCHEDULE_POINTS = 2_000  # learning_rate.png is 700 pixels wide: more points would draw nothing more
+
+
+def drawn_steps(total, points=SCHEDULE_POINTS):
+    """The steps 1..total at which learning_rate.png evaluates the schedule: every one of them up to `points`,
+    else `points` steps evenly spread from the first to the last, so that a run planned for any number of epochs
+    draws its schedule in the same time and memory."""
+    if total <= points:
+        return np.arange(1, total + 1)
+    return np.unique(np.linspace(1, total, points).round().astype(np.int64))
+
+
 def _hparam_value(value):
     """HParams take bool, int, float or str; anything else (None, tuples) is shown as its str."""
     return value if isinstance(value, (bool, int, float, str)) else str(value)
@@ -319,7 +331,7 @@ class TensorBoard(Callback):
         schedule_steps = schedule_values = None
         if self.schedule is not None and total > 0:
             # The rate used by step s (1-based, what the logs show at s) is schedule(s - 1).
-            schedule_steps = np.arange(1, total + 1)
+            schedule_steps = drawn_steps(total)
             values = np.asarray(self.schedule(tf.constant(schedule_steps - 1, tf.int64)), np.float64)
             schedule_values = np.broadcast_to(values, schedule_steps.shape)
         pictures.save_learning_rate_png(os.path.join(self.logdir, "learning_rate.png"), schedule_steps,

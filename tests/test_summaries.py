@@ -18,7 +18,7 @@ from datasets import idx
 from core.layers import Activation, BatchNorm, Conv2D, Dense, Dropout, Flatten, Sequential
 from core.optimizers import SGD, Adam
 from core.schedules import ExponentialDecay
-from app.summaries import TensorBoard, histogram_buckets, write_histograms
+from app.summaries import TensorBoard, drawn_steps, histogram_buckets, write_histograms
 from core import backprop
 from core.trainer import Callback, Runner, Trainer
 
@@ -249,6 +249,30 @@ def test_curves_and_learning_rate_pngs_without_log_points(tmp_path):
     for name in ("curves.png", "lr.png"):
         with Image.open(tmp_path / name) as picture:
             picture.verify()
+
+
+def test_a_run_planned_for_a_billion_epochs_draws_its_schedule_in_bounded_time(tmp_path, monkeypatch):
+    """learning_rate.png evaluates the schedule at every step of a short run and at 2,000 steps spread over a long
+    one: a run stopped early of 10^9 planned epochs of 937 steps draws it at once (every step would be 7 TB)."""
+    assert list(drawn_steps(5)) == [1, 2, 3, 4, 5]
+    assert len(drawn_steps(2_000)) == 2_000
+    total = 10 ** 9 * 937
+    steps = drawn_steps(total)
+    assert len(steps) == 2_000 and steps[0] == 1 and steps[-1] == total and (np.diff(steps) > 0).all()
+    drawn = {}
+    save = pictures.save_learning_rate_png
+    monkeypatch.setattr(pictures, "save_learning_rate_png",
+                        lambda path, steps, values, *logged: drawn.update(steps=steps, values=values)
+                        or save(path, steps, values, *logged))
+    schedule = ExponentialDecay(0.01, 0.666, decay_steps=937, staircase=True)
+    tensorboard = TensorBoard(tmp_path, schedule=schedule, total_steps=total, font_digits=False)
+    history = Trainer(Runner(Sequential([Dense(2)]), Adam(0.01)), progress=False).history
+    history.epochs.append({"epoch": 1, "step": 937, "loss": 1.0, "accuracy": 0.5})
+    tensorboard.save_pictures(history, step=937)
+    np.testing.assert_array_equal(drawn["steps"], steps)
+    assert drawn["values"][0] == pytest.approx(0.01) and drawn["values"][-1] == 0.0
+    with Image.open(tmp_path / "learning_rate.png") as picture:
+        picture.verify()
 
 
 # ---------------------------------------------------------------------------------------------- crash
