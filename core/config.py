@@ -47,6 +47,16 @@ def _positive_int(value):
     return None
 
 
+MAX_EPOCHS = 10 ** 9  # epochs x steps per epoch (at most 60,000 for MNIST) stays far inside the int64 step counter
+
+
+def _epochs(value):
+    problem = _positive_int(value)
+    if problem is None and value > MAX_EPOCHS:
+        problem = f"must be at most {MAX_EPOCHS:,}, got {value}"
+    return problem
+
+
 def _optional_positive_int(value):
     return None if value is None else _positive_int(value)
 
@@ -102,7 +112,7 @@ def _decay_steps(value):
 class TrainingConfig:
     """The settings of a training run with their defaults (see the module docstring)."""
     batch_size: int = setting(128, "Images per training step.", _positive_int, math=True, per_model=True)
-    epochs: int = setting(10, "Number of epochs (passes over the training images).", _positive_int,
+    epochs: int = setting(10, "Number of epochs (passes over the training images).", _epochs,
                           per_model=True, hparam=True)
     steps_per_epoch: int | None = setting(None, "Stop each epoch after this many batches, for quick runs "
                                           "(None: a full pass).", _optional_positive_int, math=True,

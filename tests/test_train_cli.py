@@ -173,6 +173,7 @@ def test_list_models(capsys):
 BAD_FLAGS = [
     (["--model=nope"], r"unknown model 'nope'; choose one of: softmax, .*conv_small"),
     (["--epochs=0"], r"--epochs must be a positive integer, got 0"),
+    (["--epochs=1000000001"], r"--epochs must be at most 1,000,000,000, got 1000000001"),
     (["--batch_size=-5"], r"--batch_size must be a positive integer, got -5"),
     (["--steps_per_epoch=0"], r"--steps_per_epoch must be a positive integer, got 0"),
     (["--learning_rate=0"], r"--learning_rate must be > 0, got 0"),
