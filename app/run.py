@@ -251,7 +251,8 @@ def train_and_export(config, strategy, spec, model, optimizer, schedule, chief_r
             history = trainer.fit(batches, config.epochs, validation_data=data.evaluation_batches(validation),
                                   steps_per_epoch=steps_per_epoch)
     except NonFiniteError as error:
-        raise RunError(f"{error}; try a smaller --learning_rate") from None
+        too_large = "--lr_min" if config.lr_min > config.learning_rate else "--learning_rate"  # the rate's floor
+        raise RunError(f"{error}; try a smaller {too_large}") from None
     except CheckpointMismatchError as error:
         raise FlagError(f"{chief_run_dir}: the checkpoint does not fit this model ({error}); "
                         f"pass another --run_name") from None

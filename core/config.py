@@ -65,8 +65,17 @@ def _finite(value):
     return None if math.isfinite(value) else f"must be finite, got {value:g}"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the step computes in float32: a larger rate is inf there
+
+
+def _rate(value):
+    """Finite and representable in float32, in which the step computes the learning rate."""
+    return _finite(value) or (None if value <= FLOAT32_MAX else f"must be at most {FLOAT32_MAX:.3g} (the largest "
+                                                                 f"float32), got {value:g}")
+
+
 def _learning_rate(value):
-    return _finite(value) or (None if value > 0 else f"must be > 0, got {value:g}")
+    return _rate(value) or (None if value > 0 else f"must be > 0, got {value:g}")
 
 
 def _lr_decay(value):
@@ -76,7 +85,7 @@ def _lr_decay(value):
 
 
 def _lr_min(value):
-    return _finite(value) or (None if value >= 0 else f"must be >= 0, got {value:g}")
+    return _rate(value) or (None if value >= 0 else f"must be >= 0, got {value:g}")
 
 
 def _dropout(value):
@@ -92,19 +101,20 @@ def _seed(value):
 
 
 def parse_decay_steps(value):
-    """'epoch' -> 'epoch'; '1600' or 1600 -> 1600; anything else -> None."""
+    """'epoch' -> 'epoch'; '1600' or 1600 -> 1600 (up to 2**63 - 1, the step counter's range); anything else ->
+    None."""
     if value == "epoch":
         return value
     try:
         steps = int(value)
     except (TypeError, ValueError):
         return None
-    return steps if steps >= 1 and str(steps) == str(value).strip() else None
+    return steps if 1 <= steps < 2 ** 63 and str(steps) == str(value).strip() else None
 
 
 def _decay_steps(value):
     if parse_decay_steps(value) is None:
-        return f"must be 'epoch' or a positive number of steps, got {value!r}"
+        return f"must be 'epoch' or a positive number of steps below 2**63, got {value!r}"
     return None
 
 

@@ -182,9 +182,12 @@ BAD_FLAGS = [
     (["--dropout=-0.2"], r"--dropout must be in \[0, 1\), got -0.2"),
     (["--lr_decay=1.5"], r"--lr_decay must be in \(0, 1\]"),
     (["--lr_decay_steps=soon"], r"--lr_decay_steps must be 'epoch' or a positive number of steps"),
+    (["--lr_decay_steps=9223372036854775808"], r"--lr_decay_steps must be 'epoch' or a positive number of steps "
+                                               r"below 2\*\*63, got '9223372036854775808'"),
     (["--optimizer=rmsprop"], r"--optimizer=rmsprop: value should be one of <adam\|sgd>"),
     (["--learning_rate=inf"], r"--learning_rate must be finite, got inf"),
     (["--lr_min=inf"], r"--lr_min must be finite, got inf"),
+    (["--learning_rate=1e39"], r"--learning_rate must be at most 3.4e\+38 \(the largest float32\), got 1e\+39"),
     (["--seed=9223372036854775808"], r"--seed must be in \[0, 2\*\*63\), got 9223372036854775808"),
     (["--steps_per_loop=0"], r"--steps_per_loop must be a positive integer, got 0"),
     (["--join_timeout=inf"], r"--join_timeout must be > 0 and at most 1e\+06 seconds, got inf"),
@@ -365,6 +368,8 @@ def test_jit_compile_trains_exports_and_keeps_the_nan_guard(mnist_dir, tmp_path,
     assert (tmp_path / "xla" / "saved_model" / "saved_model.pb").exists()
     failed = cli(*common, "--learning_rate=1e38", "--run_name=nan", capsys=capsys)
     assert_one_error_line(failed, 1, r"non-finite .* at step \d+ \(learning rate 1e\+38\).*--learning_rate")
+    floor = cli(*common, "--lr_decay=0.5", "--lr_min=1e38", "--run_name=floor", capsys=capsys)
+    assert_one_error_line(floor, 1, r"non-finite .* \(learning rate 1e\+38\).*; try a smaller --lr_min$")
 
 
 def test_the_test_images_are_evaluated_once_for_the_final_weights(small_mnist, tmp_path, capsys, monkeypatch):
