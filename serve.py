@@ -33,7 +33,8 @@ class ServeConfig:
     host: str = cli.option("127.0.0.1", "Address to listen on (127.0.0.1 or ::1 keep the page on this computer; "
                            "0.0.0.0 opens it to every network this computer is on).")
     port: int = cli.option(8000, "Port to listen on; 0 picks a free one.", bounds=(0, 65535))
-    max_busy: int = cli.option(4, "Requests prepared or run at once; more are answered 503 (busy).", bounds=(1, None))
+    max_busy: int = cli.option(4, "Requests prepared or run at once; more are answered 503 (busy). At most 32: each "
+                               "may hold a 40-megapixel picture.", bounds=(1, 32))
     verbose: bool = cli.option(False, "Print one line per HTTP request.")
 
 

@@ -49,7 +49,9 @@ def test_the_parsed_flags_are_the_dataclass():
     (predict.PredictConfig, ["--top_k=11"], "flag --top_k=11: 11 is not an integer in the range [1, 10]"),
     (predict.PredictConfig, [], "flag --model_dir=None: Flag --model_dir must have a value other than None."),
     (serve.ServeConfig, ["--port=70000"], "flag --port=70000: 70000 is not an integer in the range [0, 65535]"),
-    (serve.ServeConfig, ["--max_busy=0"], "flag --max_busy=0: 0 is not a positive integer"),
+    (serve.ServeConfig, ["--max_busy=0"], "flag --max_busy=0: 0 is not an integer in the range [1, 32]"),
+    (serve.ServeConfig, ["--max_busy=1000000"], "flag --max_busy=1000000: 1000000 is not an integer in the range "
+                                                "[1, 32]"),
     (serve.ServeConfig, ["--host= "], "flag --host= : no address; give 127.0.0.1 (this computer), ::1, or 0.0.0.0 "
                                       "(every network)"),
     (RunConfig, ["--seed=-1"], "--seed must be in [0, 2**63), got -1"),
