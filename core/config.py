@@ -47,7 +47,7 @@ def _positive_int(value):
     return None
 
 
-MAX_EPOCHS = 10 ** 9  # epochs x steps per epoch (at most 60,000 for MNIST) stays far inside the int64 step counter
+MAX_EPOCHS = 10 ** 9  # x steps per epoch stays inside the int64 step counter below 9e9 batches an epoch
 
 
 def _epochs(value):
