@@ -43,7 +43,7 @@ def setting(default, help, check=None, math=False, per_model=False, choices=None
 
 def _positive_int(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return f"must be a positive integer, got {value}"
+        return f"must be a positive integer, got {value!r}"
     return None
 
 

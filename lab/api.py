@@ -12,6 +12,7 @@ rule lr(step) = lr_min + learning_rate * lr_decay ^ (step / k), Adam or SGD), wi
 checkpoint_dir it saves there and resumes from it exactly, as train.py does in <run dir>/checkpoints.
 """
 import dataclasses
+import difflib
 
 import numpy as np
 import tensorflow as tf
@@ -82,6 +83,12 @@ def settings(model="dense", **changes):
     """The TrainingConfig of `model`'s codelab step (models.REGISTRY), with `changes` (any TrainingConfig field);
     SettingError (a ValueError) names a bad value."""
     spec = REGISTRY[model] if model in REGISTRY else _unknown(model)
+    fields = [field.name for field in dataclasses.fields(TrainingConfig)]
+    for name in changes:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown setting {name!r}; {hint}the settings are: {', '.join(fields)}")
     return TrainingConfig(**{**spec.settings, **changes})
 
 
@@ -128,6 +135,10 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
     gradients: "tape" (tf.GradientTape) or "by_hand" (each layer's backward pass, docs/backprop.md).
     With config.ema the model ends with the moving averages of its weights, which each epoch was evaluated with.
     """
+    if not isinstance(data, Data):
+        raise TypeError(f"data must be a lab.Data, such as lab.mnist(), got {_kind(data)}")
+    if not isinstance(config, TrainingConfig):
+        raise TypeError(f"config must be a TrainingConfig, such as lab.settings('dense'), got {_kind(config)}")
     if gradients not in ("tape", "by_hand"):
         raise ValueError(f"gradients must be 'tape' or 'by_hand', got {gradients!r}")
     steps = steps_per_epoch(config, data.train)
@@ -159,8 +170,20 @@ def _arrays(dataset):
     if isinstance(dataset, tf.data.Dataset):
         images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset.batch(1000)])
         return np.concatenate(images), np.concatenate(labels)
-    images, labels = dataset
-    return np.asarray(images, np.float32), np.asarray(labels)
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2):
+        raise TypeError(f"expected Examples (such as data.test), a tf.data.Dataset of (x, label), or a pair (images "
+                        f"[N, ...], labels [N]), got {_kind(dataset)}")
+    images, labels = np.asarray(dataset[0], np.float32), np.asarray(dataset[1])
+    if images.ndim < 2 or labels.shape != images.shape[:1]:
+        raise ValueError(f"expected images [N, ...] and labels [N], got images {list(images.shape)} and labels "
+                         f"{list(labels.shape)}")
+    return images, labels
+
+
+def _kind(value):
+    """What was passed instead, in a few words: 'str', 'NoneType', 'list of 3'."""
+    size = f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
+    return type(value).__name__ + size
 
 
 def predictions(model, dataset):

@@ -73,3 +73,26 @@ def test_no_data_is_one_line_saying_how_to_get_it(tmp_path):
         assert lines[0].startswith("DataNotFound: no MNIST files in ") and "TF_BY_HAND_DATA_DIR=DIR" in lines[0]
     else:
         raise AssertionError("no error")
+
+
+def test_a_learners_mistakes_are_named_in_one_message(data):
+    """What a learner types wrong in a notebook is said in the words of the API: the setting misspelled and
+    its likely name, the value as typed, and what fit and evaluate take."""
+    with pytest.raises(ValueError, match=r"^unknown setting 'epoch'; did you mean 'epochs'\? the settings are: "):
+        lab.settings("dense", epoch=3)
+    with pytest.raises(ValueError, match=r"^epochs must be a positive integer, got '3'$"):
+        lab.settings("dense", epochs="3")
+    config = lab.settings("dense", epochs=1, steps_per_epoch=2)
+    model = lab.build("dense", config, data)
+    with pytest.raises(TypeError, match=r"^data must be a lab.Data, such as lab.mnist\(\), got str$"):
+        lab.fit(model, "mnist", config)
+    with pytest.raises(TypeError, match=r"^config must be a TrainingConfig, such as lab.settings\('dense'\), got "
+                                        r"NoneType$"):
+        lab.fit(model, data, None)
+    with pytest.raises(TypeError, match=r"pair \(images \[N, \.\.\.\], labels \[N\]\), got list of 3$"):
+        lab.evaluate(model, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"^expected images \[N, \.\.\.\] and labels \[N\], got images \[5, 784\] "
+                                         r"and labels \[4\]$"):
+        lab.evaluate(model, (np.zeros((5, 784)), np.zeros(4)))
+    images = data.test.images[:5].numpy().astype(np.float32) / 255
+    assert 0 <= lab.evaluate(model, (images, data.test.labels[:5].numpy()))["accuracy"] <= 1  # a pair is taken
