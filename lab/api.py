@@ -22,6 +22,7 @@ from core import data as batches, names
 from core.data import Examples
 from core.config import TrainingConfig
 from core.early_stopping import EarlyStopping
+from core.layers import Sequential
 from core.losses import softmax_cross_entropy
 from core.trainer import Runner, Trainer
 from models import REGISTRY
@@ -100,6 +101,9 @@ def build(model="dense", config=None, data=None):
     """A fresh `model` (a name of models.REGISTRY) with its initial weights drawn from config.seed, as train.py
     draws them, built for the data's images (MNIST's 28x28x1 in 10 classes without `data`)."""
     config = config or settings(model)
+    _expect(config, TrainingConfig, "config must be a TrainingConfig, such as lab.settings('dense')")
+    if data is not None:
+        _expect(data, Data, "data must be a lab.Data, such as lab.mnist()")
     spec = REGISTRY[model] if model in REGISTRY else _unknown(model)
     image_shape, num_classes = (data.image_shape, data.num_classes) if data else ((28, 28, 1), 10)
     tf.config.experimental.enable_op_determinism()
@@ -135,10 +139,9 @@ def fit(model, data, config, callbacks=(), checkpoint_dir=None, early_stopping=N
     gradients: "tape" (tf.GradientTape) or "by_hand" (each layer's backward pass, docs/backprop.md).
     With config.ema the model ends with the moving averages of its weights, which each epoch was evaluated with.
     """
-    if not isinstance(data, Data):
-        raise TypeError(f"data must be a lab.Data, such as lab.mnist(), got {_kind(data)}")
-    if not isinstance(config, TrainingConfig):
-        raise TypeError(f"config must be a TrainingConfig, such as lab.settings('dense'), got {_kind(config)}")
+    _expect(model, Sequential, "model must be a network, such as lab.build('dense', config, data)")
+    _expect(data, Data, "data must be a lab.Data, such as lab.mnist()")
+    _expect(config, TrainingConfig, "config must be a TrainingConfig, such as lab.settings('dense')")
     if gradients not in ("tape", "by_hand"):
         raise ValueError(f"gradients must be 'tape' or 'by_hand', got {gradients!r}")
     steps = steps_per_epoch(config, data.train)
@@ -180,6 +183,12 @@ def _arrays(dataset):
     return images, labels
 
 
+def _expect(value, kind, wanted):
+    """TypeError '<wanted>, got <what value is>' unless value is a `kind`."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{wanted}, got {_kind(value)}")
+
+
 def _kind(value):
     """What was passed instead, in a few words: 'str', 'NoneType', 'list of 3'."""
     size = f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
@@ -189,8 +198,14 @@ def _kind(value):
 def predictions(model, dataset):
     """(images, labels, predicted classes, logits) of every example of `dataset`, in inference mode."""
     images, labels = _arrays(dataset)
+    if not len(images):
+        raise ValueError("no examples to predict")
     logits = np.concatenate([model(images[i:i + 1000], training=False).numpy()
                              for i in range(0, len(images), 1000)])
+    classes = logits.shape[1]
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be in [0, {classes}) for this model's {classes} classes, got "
+                         f"{labels.min()} to {labels.max()}")
     return images, labels, logits.argmax(axis=1), logits
 
 

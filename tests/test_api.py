@@ -86,6 +86,11 @@ def test_a_learners_mistakes_are_named_in_one_message(data):
     model = lab.build("dense", config, data)
     with pytest.raises(TypeError, match=r"^data must be a lab.Data, such as lab.mnist\(\), got str$"):
         lab.fit(model, "mnist", config)
+    with pytest.raises(TypeError, match=r"^model must be a network, such as lab.build\('dense', config, data\), got "
+                                        r"str$"):
+        lab.fit("dense", data, config)
+    with pytest.raises(TypeError, match=r"^data must be a lab.Data, such as lab.mnist\(\), got str$"):
+        lab.build("dense", config, "mnist")
     with pytest.raises(TypeError, match=r"^config must be a TrainingConfig, such as lab.settings\('dense'\), got "
                                         r"NoneType$"):
         lab.fit(model, data, None)
@@ -94,5 +99,9 @@ def test_a_learners_mistakes_are_named_in_one_message(data):
     with pytest.raises(ValueError, match=r"^expected images \[N, \.\.\.\] and labels \[N\], got images \[5, 784\] "
                                          r"and labels \[4\]$"):
         lab.evaluate(model, (np.zeros((5, 784)), np.zeros(4)))
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 10\) for this model's 10 classes, got 1 to 99$"):
+        lab.evaluate(model, (np.zeros((3, 28, 28, 1)), np.array([1, 2, 99])))
+    with pytest.raises(ValueError, match=r"^no examples to predict$"):
+        lab.evaluate(model, (np.zeros((0, 28, 28, 1)), np.zeros(0, int)))
     images = data.test.images[:5].numpy().astype(np.float32) / 255
     assert 0 <= lab.evaluate(model, (images, data.test.labels[:5].numpy()))["accuracy"] <= 1  # a pair is taken
