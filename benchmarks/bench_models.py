@@ -59,7 +59,7 @@ def train_all(names, overrides, stamp, formulas=False):
                   f"{describe_training(config)}", flush=True)
             spec = REGISTRY[name]
             if formulas:
-                REGISTRY[name] = on_formulas(spec)
+                REGISTRY[name] = with_formulas(spec)
             try:
                 rows.append((name, seed, train.run(config)))
             finally:
@@ -67,14 +67,14 @@ def train_all(names, overrides, stamp, formulas=False):
     return rows
 
 
-def on_formulas(spec):
+def with_formulas(spec):
     """A copy of the ModelSpec `spec` whose models have every layer on its formula (fused=False)."""
-    from benchmarks.fast_path_levers import on_formulas as put_on_formulas
+    from benchmarks.fast_path_levers import on_formulas
     build = spec.build
 
     def formulas(*args, **kwargs):
         model = build(*args, **kwargs)
-        put_on_formulas(model, "formulas")
+        on_formulas(model, "formulas")
         return model
     copy = dataclasses.replace(spec)
     object.__setattr__(copy, "build", formulas)  # build's options go through to the spec's own builder
