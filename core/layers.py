@@ -21,7 +21,7 @@ import math
 
 import tensorflow as tf
 
-from core import activations, distribute
+from core import activations, distribute, subpixel
 from core.initializers import GlorotUniform, Zeros
 from core.module import Layer, activated, batch_shape, initializer, padding_mode, pair, shape_str
 
@@ -238,6 +238,10 @@ class Conv2D(Windowed, Affine):
         return self.kernel_size + (input_shape[-1], self.filters)
 
     def _linear(self, x):
+        """z = conv2d(x, w). fused (the fast path): where `subpixel.pays`, the same convolution whose input gradient
+        is computed as one stride-1 convolution (core/subpixel.py) instead of TensorFlow's conv2d_backprop_input."""
+        if self.fused and subpixel.pays(self.kernel_size, self.strides) and None not in x.shape[1:3]:
+            return subpixel.conv2d(x, self.w, self.strides[0], self.padding.upper())
         return tf.nn.conv2d(x, self.w, *self._tf_strides())
 
     def _kernel_gradient(self, x, dz):

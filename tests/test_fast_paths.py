@@ -1,12 +1,12 @@
-"""Every fast path equals its formula: the fused kernels (FusedBatchNormV3, tf.nn.bias_add, tf.nn.relu) against the
-layers' formula paths (fused=False) on the same weights and inputs, forward, gradients (input and every variable)
+"""Every fast path equals its formula: the fused kernels (FusedBatchNormV3, tf.nn.bias_add, tf.nn.relu) and Conv2D's
+input gradient as one stride-1 convolution (core/subpixel.py) against the layers' formula paths (fused=False) on the same weights and inputs, forward, gradients (input and every variable)
 and moving statistics, in training and inference, in float32 to float32 rounding and with bfloat16 inputs within
 bfloat16's precision; a run with the fast paths on resumes bit-identically."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from core import activations, backprop
+from core import activations, backprop, subpixel
 from core.layers import Activation, BatchNorm, Conv2D, Dense, Flatten, Sequential
 from core.losses import softmax_cross_entropy
 from core.optimizers import Adam
@@ -166,6 +166,62 @@ def test_bias_add_and_relu_kernels_equal_the_formula(make, shape):
             assert_rounding_close(fast[2][name], formula[2][name])
 
 
+GEOMETRIES = [  # x [N, H, W, C], kernel size, stride, padding
+    ((2, 28, 28, 3), 6, 2, "SAME"),  # conv_bn's second layer
+    ((2, 9, 7, 2), 6, 2, "SAME"),  # odd sizes: the last phase of a row is cropped
+    ((2, 15, 15, 3), 5, 2, "SAME"),  # a kernel padded with a zero tap to 6x6
+    ((2, 13, 11, 2), 5, 2, "VALID"),
+    ((2, 29, 29, 2), 3, 3, "SAME"),
+    ((2, 16, 16, 2), 4, 2, "VALID"),
+    ((2, 10, 10, 2), 3, 1, "SAME"),  # stride 1: the reversed kernel, one phase
+]
+
+
+@pytest.mark.parametrize("x_shape,k,s,padding", GEOMETRIES, ids=[f"{g[0][1]}x{g[0][2]}_k{g[1]}_s{g[2]}_{g[3]}"
+                                                                   for g in GEOMETRIES])
+def test_a_strided_convolutions_input_gradient_as_one_stride_1_convolution_is_conv2d_transpose(x_shape, k, s, padding):
+    """subpixel.input_gradient against TensorFlow's conv2d_transpose: the same products summed in another order, so
+    equal to float64 rounding in float64, and within bfloat16's precision of the float32 kernel in bfloat16."""
+    rng = np.random.default_rng(k * 10 + s)
+    w = rng.standard_normal((k, k, x_shape[-1], 5))
+    z_shape = tf.nn.conv2d(tf.zeros(x_shape, tf.float64), w, s, padding).shape
+    dz = rng.standard_normal(z_shape)
+    expected = tf.nn.conv2d_transpose(dz, w, x_shape, s, padding).numpy()
+    got = subpixel.input_gradient(tf.constant(dz), tf.constant(w), x_shape[1:3], s, padding).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13 * np.max(np.abs(expected)))
+    dz16, w16 = tf.cast(dz, tf.bfloat16), tf.cast(w, tf.bfloat16)
+    got16 = subpixel.input_gradient(dz16, w16, x_shape[1:3], s, padding)
+    expected32 = tf.nn.conv2d_transpose(tf.cast(dz16, tf.float32), tf.cast(w16, tf.float32), x_shape, s, padding)
+    assert got16.dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(got16, tf.float32).numpy(), expected32.numpy(), rtol=0,
+                               atol=2 ** -7 * np.max(np.abs(expected32.numpy())))
+
+
+@pytest.mark.parametrize("k,s,fused,fast", [(6, 2, True, True), (6, 2, False, False), (3, 1, True, False),
+                                            (4, 2, True, False), (5, 2, True, False), (9, 3, True, True)])
+def test_conv2d_takes_the_one_convolution_input_gradient_where_it_measured_faster(k, s, fused, fast):
+    """The fast path replaces TensorFlow's backward-data kernel (Conv2DBackpropInput) by subpixel.input_gradient
+    where the kernel is at least three whole strides (subpixel.pays); the formula path and other geometries keep
+    the kernel. The forward convolution and the kernel gradient are TensorFlow's either way."""
+    layer = Conv2D(4, k, strides=s, use_bias=False, fused=fused)
+    x = tf.zeros((2, 18, 18, 3))
+    layer.build(x.shape)
+
+    @tf.function
+    def input_gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z = layer(x)
+        return tape.gradient(z, [x, layer.w])
+
+    op_types = {op.type for op in input_gradient.get_concrete_function(x).graph.get_operations()}
+    assert subpixel.pays((k, k), (s, s)) is (k % s == 0 and k // s >= 3 and s > 1)
+    assert ("Conv2DBackpropInput" not in op_types) is fast
+    assert "DepthToSpace" in op_types if fast else "DepthToSpace" not in op_types
+    assert "Conv2DBackpropFilter" in op_types
+
+
 def small_conv_bn(fused, seed=1):
     tf.random.set_seed(seed)
     return Sequential([Conv2D(4, 3, use_bias=False, fused=fused), BatchNorm(scale=False, fused=fused),
@@ -200,7 +256,7 @@ def test_a_conv_bn_model_on_the_fast_paths_has_the_formulas_loss_and_gradients_a
 def conv_bn_steps(seed):
     """(model, optimizer, step): a small conv + fused BatchNorm + relu model and its compiled Adam step."""
     tf.random.set_seed(seed)
-    model = Sequential([Conv2D(4, 3, strides=2, use_bias=False), BatchNorm(scale=False), Activation("relu"),
+    model = Sequential([Conv2D(4, 6, strides=2, use_bias=False), BatchNorm(scale=False), Activation("relu"),
                         Flatten(), Dense(8, activation="relu"), BatchNorm(), Dense(4)])
     model.build((None, 8, 8, 1))
     optimizer = Adam(0.01)
