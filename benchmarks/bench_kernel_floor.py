@@ -4,7 +4,8 @@
     python benchmarks/bench_kernel_floor.py --cases=conv_bn --rounds=2   # a quick look
 
 The heavy kernels of one training step: every convolution (forward, input gradient except for the first layer,
-whose input is the images, and weight gradient), every matmul of a Dense layer (the same three), and every
+whose input is the images, as Conv2D computes it: one stride-1 convolution where core/subpixel.py's path pays, else
+TensorFlow's backward-data kernel; and weight gradient), every matmul of a Dense layer (the same three), and every
 BatchNorm (forward in training with its moving statistics, and its gradient, as the layer runs it: the fused
 kernel, its casts in bfloat16 where its channels are not a multiple of 16, or the formula for [N, C]). Each is
 timed alone with the whole machine: `--repeats` runs of that one kernel in a compiled loop, less the loop's own
@@ -60,6 +61,7 @@ def loop_ms(tf, kernel, repeats, rounds):
 def kernels(tf, model, precision, batch):
     """[(layer name, what, kernel)] for one training step of `model` at `batch` in `precision`: each kernel a
     callable returning the outputs of that one computation."""
+    from core import subpixel
     from core.layers import BatchNorm, Conv2D, Dense
     from core.precision import compute_dtype, compute_in
 
@@ -77,7 +79,10 @@ def kernels(tf, model, precision, batch):
             x, w, dy = tensor(x_shape), tensor(layer.w.shape), tensor(y_shape)
             strides = [1, *layer.strides, 1]
             found.append((name, "forward", lambda x=x, w=w, s=strides: tf.nn.conv2d(x, w, s, "SAME")))
-            if not first:
+            if not first and layer.fused and subpixel.pays(layer.kernel_size, layer.strides):
+                found.append((name, "input gradient", lambda x=x, w=w, dy=dy, s=layer.strides[0]:
+                              subpixel.input_gradient(dy, w, x.shape[1:3], s, "SAME")))
+            elif not first:
                 found.append((name, "input gradient", lambda x=x, w=w, dy=dy, s=strides: tf.raw_ops.Conv2DBackpropInput(
                     input_sizes=tf.shape(x), filter=w, out_backprop=dy, strides=s, padding="SAME")))
             found.append((name, "weight gradient", lambda x=x, w=w, dy=dy, s=strides:

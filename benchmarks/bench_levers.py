@@ -25,6 +25,9 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
     adam_op            Adam as one tf.raw_ops.ResourceApplyAdam per variable (not bit-equal to ours: 1 - beta
                        rounded in float32 instead of Keras's Python float)
     s2d                the 6x6 stride-2 convolutions as 3x3 stride-1 convolutions over space_to_depth (exact)
+    backward_data_kernel  Conv2D's input gradient by TensorFlow's backward-data kernel (Conv2DBackpropInput)
+                       instead of one stride-1 convolution (core/subpixel.py); bfloat16_backward_data_kernel: the
+                       same under --precision=mixed_bfloat16, to set beside `bfloat16`
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
 --inter_op=N --intra_op=M and compare its baseline column. The figures go into RESULTS.md.
 """
@@ -45,7 +48,8 @@ from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forw
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
 FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
-                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d")
+                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d",
+                    "backward_data_kernel", "bfloat16_backward_data_kernel")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")

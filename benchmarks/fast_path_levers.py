@@ -4,7 +4,8 @@ changes one thing in a copy of the step, so the two can be timed against each ot
 
 def on_formulas(model, lever):
     """Puts the layers that `lever` names on their formulas (fused=False); relu_kernel_after_bn: every ReLU that
-    follows a BatchNorm as tf.nn.relu, merged into the BatchNorm's kernel whatever its channel count."""
+    follows a BatchNorm as tf.nn.relu, merged into the BatchNorm's kernel whatever its channel count;
+    backward_data_kernel: every Conv2D's input gradient by TensorFlow's Conv2DBackpropInput (core/subpixel.py off)."""
     import tensorflow as tf
     from core.layers import Activation, BatchNorm, Conv2D, Dense
 
@@ -25,6 +26,8 @@ def on_formulas(model, lever):
         previous = layer
         if formula is not None:
             layer.fused = not formula
+        if isinstance(layer, Conv2D) and lever in ("backward_data_kernel", "bfloat16_backward_data_kernel"):
+            layer._linear = lambda x, layer=layer: tf.nn.conv2d(x, layer.w, *layer._tf_strides())
 
 
 def space_to_depth_forward(tf, layer):

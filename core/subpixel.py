@@ -81,6 +81,7 @@ def conv2d(x, w, stride, padding):
     """z = conv2d(x, w, stride, padding) whose input gradient is `input_gradient` (its kernel gradient is
     TensorFlow's conv2d_backprop_filter, as autodiff's). x [N, H, W, C] with H and W known."""
     strides = (1, stride, stride, 1)
+    w = tf.convert_to_tensor(w)  # a variable read here, outside: tf.custom_gradient then sees only tensors
 
     @tf.custom_gradient
     def convolution(x, w):
