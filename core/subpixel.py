@@ -21,10 +21,10 @@ The same products as conv2d_transpose, summed in another order: equal to float32
 rounding in float64 (tests/test_fast_paths.py). It is the forward convolution of the "sub-pixel convolution"
 (Shi et al., 2016) run backwards. It pays because oneDNN's forward convolution kernels are faster than its
 backward-data ones on these shapes: on conv_bn's 6x6 stride-2 layers (batch 64, one AMD EPYC Zen 4 core pair)
-0.74 and 0.79 of the backward-data kernel's time in float32, 0.69 and 0.68 in bfloat16. With T = 2 (4x4 stride 2)
-or a kernel padded with zero taps (5x5 stride 2 -> 6x6, 44% more products) it measured slower, so Conv2D takes this
-path only where the kernel is a whole number of strides, at least three (`pays`). benchmarks/RESULTS.md has the
-figures.
+0.72 and 0.80 of the backward-data kernel's time in float32, 0.69 and 0.69 in bfloat16. With T = 2 (4x4 stride 2)
+or a kernel padded with zero taps (5x5 stride 2 -> 6x6, 44% more products) it measured slower on conv_bn_big's
+layers, so Conv2D takes this path only where the kernel is a whole number of strides, at least three (`pays`).
+`python benchmarks/bench_subpixel.py` measures every geometry; benchmarks/RESULTS.md has the figures.
 """
 import tensorflow as tf
 
