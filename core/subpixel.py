@@ -39,8 +39,9 @@ def pays(kernel_size, strides):
 
 
 def _along(size, k, s, padding):
-    """Along one axis of `size`: (dz's size, padding before, how dz is padded (before, after) for the stride-1
-    convolution, where dx starts in depth_to_space's output). Negative paddings are crops."""
+    """Along one axis of x's `size`, for a kernel of k taps and stride s: (dz's padding before, its padding after,
+    both for the stride-1 convolution and negative where dz is cropped instead; where dx starts in
+    depth_to_space's output; T, the taps per phase)."""
     if padding == "VALID":
         out, before = -(-(size - k + 1) // s), 0
     else:
@@ -71,9 +72,8 @@ def input_gradient(dz, w, input_size, stride, padding):
     if any(crop):
         dz = dz[:, crop[0]:dz.shape[1] - crop[1], crop[2]:dz.shape[2] - crop[3], :]
     pads = [[0, 0], [max(pbh, 0), max(pah, 0)], [max(pbw, 0), max(paw, 0)], [0, 0]]
-    dx_pad = tf.nn.conv2d(dz, subpixel_kernel(w, stride, (th, tw)), 1, pads)
-    if stride > 1:
-        dx_pad = tf.nn.depth_to_space(dx_pad, stride)
+    phases = tf.nn.conv2d(dz, subpixel_kernel(w, stride, (th, tw)), 1, pads)  # [N, U, V, s*s*C]
+    dx_pad = tf.nn.depth_to_space(phases, stride) if stride > 1 else phases
     return dx_pad[:, offh:offh + h, offw:offw + w_size, :]
 
 
