@@ -28,8 +28,12 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
     backward_data_kernel  Conv2D's input gradient by TensorFlow's backward-data kernel (Conv2DBackpropInput)
                        instead of one stride-1 convolution (core/subpixel.py); bfloat16_backward_data_kernel: the
                        same under --precision=mixed_bfloat16, to set beside `bfloat16`
+    bfloat16_float32_first_layer  `bfloat16` with the first convolution (one input channel) and its BatchNorm in
+                       float32; bfloat16_padded_batch_norm: `bfloat16` with each BatchNorm whose channels are not a
+                       multiple of 16 fed x zero-padded to one (oneDNN's bfloat16 kernel) instead of cast to float32
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
---inter_op=N --intra_op=M and compare its baseline column. The figures go into RESULTS.md.
+--inter_op=N --intra_op=M and compare its baseline column; so with TensorFlow's oneDNN environment variables
+(TF_ONEDNN_THREADPOOL_USE_CALLER_THREAD=1, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1). The figures go into RESULTS.md.
 """
 import os
 import statistics
@@ -44,12 +48,14 @@ sys.path.insert(0, str(ROOT))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import results  # noqa: E402
-from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward  # noqa: E402
+from benchmarks.fast_path_levers import (AdamOp, float32_first_layer, on_formulas, padded_batch_norm,  # noqa: E402
+                                         space_to_depth_forward)
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
 FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
                     "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d",
-                    "backward_data_kernel", "bfloat16_backward_data_kernel")
+                    "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
+                    "bfloat16_padded_batch_norm")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
@@ -63,6 +69,7 @@ LOOP = 50
 
 def make_runner(tf, name, lever):
     from core import optimizers
+    from core.layers import BatchNorm
     from core.runner import Runner
     from models import REGISTRY
 
@@ -77,6 +84,12 @@ def make_runner(tf, name, lever):
         for layer in model.layers:
             if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
                 layer._forward = space_to_depth_forward(tf, layer)
+    if lever == "bfloat16_float32_first_layer":
+        float32_first_layer(model)
+    if lever == "bfloat16_padded_batch_norm":
+        for layer in model.layers:
+            if isinstance(layer, BatchNorm):
+                layer._fused = padded_batch_norm(tf, layer)
     precision = "mixed_bfloat16" if (lever or "").startswith("bfloat16") else "float32"
     runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
     if lever == "guard":

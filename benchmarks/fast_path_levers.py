@@ -51,6 +51,41 @@ def space_to_depth_forward(tf, layer):
     return forward
 
 
+def float32_first_layer(model):
+    """Under mixed_bfloat16: the first convolution (one input channel, where oneDNN's bfloat16 kernel took twice
+    float32's time) and its BatchNorm compute in float32, so that BatchNorm reads a float32 x and the cast down
+    moves to the next convolution's input."""
+    from core.layers import BatchNorm
+
+    convolution, norm = model.layers[0], model.layers[1]
+    convolution.computes_in_float32 = True
+    norm.__class__ = type("Float32BatchNorm", (BatchNorm,), {"mixed_input": property(lambda self: False)})
+
+
+def padded_batch_norm(tf, layer):
+    """The BatchNorm's fused training path with a 16-bit x zero-padded to a multiple of 16 channels, the count
+    oneDNN's bfloat16 kernel needs (instead of the cast to float32 and back), and y sliced back. The padded channels
+    are 0 with variance 0 and are dropped: the real channels' statistics and y are the layer's."""
+    fused = layer._fused
+
+    def padded(x, training):
+        channels = layer.moving_mean.shape[0]
+        extra = -channels % 16
+        if x.dtype == tf.float32 or not training or not extra:
+            return fused(x, training)
+        gamma = tf.pad(layer.gamma, [[0, extra]], constant_values=1.0) if layer.scale else tf.ones([channels + extra])
+        beta = tf.pad(layer.beta, [[0, extra]]) if layer.center else tf.zeros([channels + extra])
+        y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, extra]]), gamma,
+                                                             beta, epsilon=layer.epsilon)
+        n = tf.cast(tf.size(x) // channels, tf.float32)
+        mean, variance = mean[:channels], unbiased[:channels] * ((n - 1.0) / n)
+        layer.moving_mean.assign(layer.moving_mean * layer.momentum + mean * (1.0 - layer.momentum))
+        layer.moving_variance.assign(layer.moving_variance * layer.momentum + variance * (1.0 - layer.momentum))
+        return y[..., :channels], mean, variance
+
+    return padded
+
+
 class AdamOp:
     """Our Adam with each variable's update as one tf.raw_ops.ResourceApplyAdam (the same formula, epsilon-hat
     form; 1 - beta computed in float32 by the kernel)."""
