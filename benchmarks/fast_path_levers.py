@@ -79,8 +79,7 @@ def padded_batch_norm(tf, layer):
                                                              beta, epsilon=layer.epsilon)
         n = tf.cast(tf.size(x) // channels, tf.float32)
         mean, variance = mean[:channels], unbiased[:channels] * ((n - 1.0) / n)
-        layer.moving_mean.assign(layer.moving_mean * layer.momentum + mean * (1.0 - layer.momentum))
-        layer.moving_variance.assign(layer.moving_variance * layer.momentum + variance * (1.0 - layer.momentum))
+        layer._move_statistics(mean, variance)
         return y[..., :channels], mean, variance
 
     return padded

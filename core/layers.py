@@ -419,8 +419,7 @@ class BatchNorm(Layer):
             y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=self.epsilon)
             n = tf.cast(tf.size(x) // c, dtype)
             variance = unbiased * ((n - 1.0) / n)
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            self._move_statistics(mean, variance)
         else:
             mean, variance = self.moving_mean, self.moving_variance
             y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean, variance, epsilon=self.epsilon,
@@ -438,10 +437,14 @@ class BatchNorm(Layer):
                 # The gradient through `mean` inside the variance is exactly 0 (sum of x - mean is 0), so it
                 # is stopped, as tf.nn.moments (which Keras uses) does.
                 variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axis=axes)
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            self._move_statistics(mean, variance)
             return mean, variance
         return self.moving_mean, self.moving_variance
+
+    def _move_statistics(self, mean, variance):
+        """moving_mean = moving_mean * momentum + mean * (1 - momentum), and the variance alike."""
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
 
     def _normalize(self, x, mean, variance):
         """y = gamma * (x - mean) / sqrt(variance + epsilon) + beta, evaluated as Keras (tf.nn.batch_normalization)
