@@ -30,7 +30,9 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
                        same under --precision=mixed_bfloat16, to set beside `bfloat16`
     bfloat16_float32_first_layer  `bfloat16` with the first convolution (one input channel) and its BatchNorm in
                        float32; bfloat16_padded_batch_norm: `bfloat16` with each BatchNorm whose channels are not a
-                       multiple of 16 fed x zero-padded to one (oneDNN's bfloat16 kernel) instead of cast to float32
+                       multiple of 16 fed x zero-padded to one (oneDNN's bfloat16 kernel) instead of its pixels
+                       grouped; bfloat16_batch_norm_between_casts: `bfloat16` with such a BatchNorm's x cast to
+                       float32 for the float32 kernel and y cast back (instead of its pixels grouped)
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
 --inter_op=N --intra_op=M and compare its baseline column; so with TensorFlow's oneDNN environment variables
 (TF_ONEDNN_THREADPOOL_USE_CALLER_THREAD=1, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1). The figures go into RESULTS.md.
@@ -48,14 +50,14 @@ sys.path.insert(0, str(ROOT))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import results  # noqa: E402
-from benchmarks.fast_path_levers import (AdamOp, float32_first_layer, on_formulas, padded_batch_norm,  # noqa: E402
-                                         space_to_depth_forward)
+from benchmarks.fast_path_levers import (AdamOp, batch_norm_between_casts, float32_first_layer,  # noqa: E402
+                                         on_formulas, padded_batch_norm, space_to_depth_forward)
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
 FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
                     "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d",
                     "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
-                    "bfloat16_padded_batch_norm")
+                    "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
@@ -90,6 +92,10 @@ def make_runner(tf, name, lever):
         for layer in model.layers:
             if isinstance(layer, BatchNorm):
                 layer._fused = padded_batch_norm(tf, layer)
+    if lever == "bfloat16_batch_norm_between_casts":
+        for layer in model.layers:
+            if isinstance(layer, BatchNorm):
+                layer._fused = batch_norm_between_casts(tf, layer)
     precision = "mixed_bfloat16" if (lever or "").startswith("bfloat16") else "float32"
     runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
     if lever == "guard":

@@ -85,6 +85,20 @@ def padded_batch_norm(tf, layer):
     return padded
 
 
+def batch_norm_between_casts(tf, layer):
+    """The BatchNorm's fused path as it was before pixels were grouped: a 16-bit x whose channels are not a
+    multiple of 16 cast to float32 for the float32 kernel, and y cast back, in training too."""
+    fused = layer._fused
+
+    def between_casts(x, training):
+        if x.dtype == tf.float32 or not layer.moving_mean.shape[0] % 16:
+            return fused(x, training)
+        y, mean, variance = fused(tf.cast(x, tf.float32), training)
+        return tf.cast(y, x.dtype), mean, variance
+
+    return between_casts
+
+
 class AdamOp:
     """Our Adam with each variable's update as one tf.raw_ops.ResourceApplyAdam (the same formula, epsilon-hat
     form; 1 - beta computed in float32 by the kernel)."""

@@ -87,12 +87,14 @@ def test_fused_batch_norm_keeps_kerass_moving_variance_the_biased_one():
     np.testing.assert_allclose(bn.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("channels", [6, 16], ids=["cast_to_float32", "bfloat16_kernel"])
+@pytest.mark.parametrize("channels", [6, 12, 24, 16],
+                         ids=["cast_to_float32", "4_pixels_grouped", "2_pixels_grouped", "bfloat16_kernel"])
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training, channels):
     """bfloat16 x in, bfloat16 y out, float32 statistics; y and dL/dx within bfloat16's precision of the float32
     formula on the same (rounded) x, the moving statistics (accumulated in float32) to float32 rounding. 16
-    channels run the bfloat16 kernel; 6 the float32 kernel between casts."""
+    channels run the bfloat16 kernel; 12 and 24 too in training, as 4 or 2 pixels' 48 channels; 6 (4 pixels wide,
+    and 8 pixels would be needed) the float32 kernel between casts."""
     shape = (16, 5, 4, channels)
     weights = batch_norm_weights(shape[-1])
     x16 = tf.cast(tf.constant(np.random.default_rng(3).normal(1.0, 2.0, shape), tf.float32), tf.bfloat16)
@@ -100,8 +102,11 @@ def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training, cha
     fast_layer.build(shape)
     assert fast_layer.mixed_input and not formula_layer.mixed_input
     fast_layer.dtype = tf.bfloat16  # as core.precision.compute_in sets it: the input is not cast up
+    grouped, calls = fast_layer._fused_grouped, []
+    fast_layer._fused_grouped = lambda x: calls.append(x.shape) or grouped(x)
     y, dx, grads = run(fast_layer, x16, training, weights)
     y32, dx32, grads32 = run(formula_layer, tf.cast(x16, tf.float32), training, weights)
+    assert bool(calls) == (training and channels in (12, 24))
     assert y.dtype == dx.dtype == tf.bfloat16
     assert all(v.dtype == tf.float32 for v in fast_layer.variables)
     y, dx = (tf.cast(t, tf.float32).numpy() for t in (y, dx))
