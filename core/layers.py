@@ -485,7 +485,7 @@ class BatchNorm(Layer):
                 count = n * k
                 slope = -gamma * inv_sigma * inv_sigma * d_gamma / count          # dx = direct + slope x + shift
                 shift = -gamma * inv_sigma * d_beta / count - slope * mean
-                # slope * (x - 0) / sqrt((1 - epsilon) + epsilon) + shift, the divisor 1
+                # slope * (x - 0) / sqrt((1 - epsilon) + epsilon) + shift: the divisor is 1 to float32 rounding
                 rest = kernel(xg, slope, shift, tf.zeros([c], dtype), tf.fill([c], 1.0 - epsilon))
                 return tf.reshape(dx_direct + rest, tf.shape(x)), d_gamma, d_beta
 
