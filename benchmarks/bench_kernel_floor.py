@@ -7,15 +7,16 @@ The heavy kernels of one training step: every convolution (forward, input gradie
 whose input is the images, as Conv2D computes it: one stride-1 convolution where core/subpixel.py's path pays, else
 TensorFlow's backward-data kernel; and weight gradient), every matmul of a Dense layer (the same three), and every
 BatchNorm (forward in training with its moving statistics, and its gradient, as the layer runs it: the fused
-kernel, its casts in bfloat16 where its channels are not a multiple of 16, or the formula for [N, C]). Each is
-timed alone with the whole machine: `--repeats` runs of that one kernel in a compiled loop, less the loop's own
-cost, the best of `--rounds`. Their sum is the floor: every kernel already uses every core, so the step can only
+kernel, on grouped pixels in bfloat16 where its channels are not a multiple of 16, or the formula for [N, C]).
+Each is timed alone with the whole machine: `--repeats` runs of that one kernel in a compiled loop, less the loop's
+own cost, the best of `--rounds`. Their sum is the floor: every kernel already uses every core, so the step can only
 beat the sum where two kernels overlap without slowing each other. What the floor leaves out (ReLU, dropout, the
 loss, Adam, the NaN guard, the metrics, the casts of the weights) only adds to a real step.
 
 Beside it, in the same process: our step and Keras's (bench_vs_keras.py's step times: alternated rounds, the
-best counts), the floor over each, and the share of the matmul peak the floor would reach. Floor / Keras is the
-least ratio to Keras these kernels allow for the step alone, before a whole process adds its epoch ends.
+best counts), the floor over each, and the shares of the matmul peak the floor would reach and our step reaches
+(the step's floating-point operations over its time). Floor / Keras is the least ratio to Keras these kernels
+allow for the step alone, before a whole process adds its epoch ends.
 """
 import os
 import sys
@@ -147,7 +148,7 @@ def main(argv):
     peaks, peak_text = bench_vs_keras.peak_line(tf)
     print(peak_text, flush=True)
     summary = ["| case | floor ms/step | ours ms/step | Keras ms/step | floor / ours | floor / Keras | whole-process "
-               "target | floor's share of the matmul peak |", "| --- " * 8 + "|"]
+               "target | floor's share of the matmul peak | ours' share |", "| --- " * 9 + "|"]
     details = []
     for key in cases:
         label, name, batch, precision, _ = bench_vs_keras.CASES[key]
@@ -156,11 +157,12 @@ def main(argv):
                                                 FLAGS.rounds)
         ours, theirs = min(times["ours"]), min(times["keras"])
         peak = peaks["float32" if precision == "float32" else "bfloat16"]
-        share = bench_vs_keras.training_flops(model, tf) * batch / (floor / 1000) / 1e9 / peak
+        gflop = bench_vs_keras.training_flops(model, tf) * batch / 1e9
+        share, ours_share = gflop / (floor / 1000) / peak, gflop / (ours / 1000) / peak
         target = bench_vs_keras.WHOLE_PROCESS_TARGETS.get(key)
         summary.append(f"| {label} | {floor:.2f} | {ours:.2f} | {theirs:.2f} | {floor / ours:.2f} | "
                        f"{floor / theirs:.2f} | {'<= ' + str(target) if target else ''} | {100 * share:.0f}% of "
-                       f"{peak:.0f} GFLOP/s |")
+                       f"{peak:.0f} GFLOP/s | {100 * ours_share:.0f}% |")
         print(summary[-1], flush=True)
         rounds = {side: ", ".join(f"{t:.2f}" for t in times[side]) for side in ("ours", "keras")}
         details.append(f"**{label}**: each kernel alone, ms (the floor {floor:.2f} ms; our step {ours:.2f}, rounds "
