@@ -453,7 +453,7 @@ class BatchNorm(Layer):
         dtype = self.moving_mean.dtype
         gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([c], dtype)
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([c], dtype)
-        grouped = [-1, x.shape[1], x.shape[2] // k, k * c]
+        grouped = tf.concat([tf.shape(x)[:2], [x.shape[2] // k, k * c]], axis=0)  # N and H may be unknown
         epsilon = self.epsilon
 
         def kernel(x, scale, offset, mean, variance):

@@ -119,6 +119,37 @@ def test_fused_batch_norm_takes_bfloat16_x_with_float32_statistics(training, cha
         assert_rounding_close(getattr(fast_layer, name).numpy(), getattr(formula_layer, name).numpy(), ulps=8)
 
 
+def test_grouped_batch_norm_takes_an_x_of_unknown_batch_and_height():
+    """A bfloat16 x [N, H, 4, 12] whose N and H are unknown when traced (a tf.function's signature) is grouped as a
+    known shape is: the same y, dL/dx and moving statistics."""
+    shape = (16, 5, 4, 12)
+    x16 = tf.cast(tf.constant(np.random.default_rng(3).normal(1.0, 2.0, shape), tf.float32), tf.bfloat16)
+    r = tf.constant(np.random.default_rng(5).standard_normal(shape), tf.float32)
+    layers = []
+    for _ in range(2):
+        layer = BatchNorm()
+        layer.build(shape)
+        for variable in layer.variables:
+            variable.assign(batch_norm_weights(12)[variable.name.split("/")[-1].split(":")[0]])
+        layer.dtype = tf.bfloat16
+        layers.append(layer)
+
+    def forward_and_gradient(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * r)
+        return y, tape.gradient(loss, x)
+
+    known = forward_and_gradient(layers[0], x16)
+    unknown = tf.function(lambda x: forward_and_gradient(layers[1], x),
+                          input_signature=[tf.TensorSpec([None, None, 4, 12], tf.bfloat16)])(x16)
+    for a, b in zip(known, unknown):
+        np.testing.assert_array_equal(tf.cast(a, tf.float32).numpy(), tf.cast(b, tf.float32).numpy())
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_array_equal(getattr(layers[0], name).numpy(), getattr(layers[1], name).numpy())
+
+
 def test_relu_kernel_is_the_formula_exactly_gradient_zero_at_zero():
     x = tf.constant([-2.0, -0.0, 0.0, 1e-30, 3.5, -1e-30])
     assert activations.kernel(activations.relu) is tf.nn.relu
