@@ -22,6 +22,8 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
     bfloat16_relu_after_bn  relu_after_bn under --precision=mixed_bfloat16
     bfloat16           --precision=mixed_bfloat16 on the fast paths (bfloat16 through the fused BatchNorm)
     bfloat16_formulas  --precision=mixed_bfloat16 on the formulas (BatchNorm cast up to float32 and back)
+    adam_compiled      Adam's float32 updates as one XLA-compiled function, bit-equal (Adam(fused=True))
+                       instead of its formula op by op
     adam_op            Adam as one tf.raw_ops.ResourceApplyAdam per variable (not bit-equal to ours: 1 - beta
                        rounded in float32 instead of Keras's Python float)
     s2d                the 6x6 stride-2 convolutions as 3x3 stride-1 convolutions over space_to_depth (exact)
@@ -50,12 +52,12 @@ sys.path.insert(0, str(ROOT))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import results  # noqa: E402
-from benchmarks.fast_path_levers import (AdamOp, batch_norm_between_casts, float32_first_layer,  # noqa: E402
+from benchmarks.fast_path_levers import (batch_norm_between_casts, float32_first_layer, make_adam,  # noqa: E402
                                          on_formulas, padded_batch_norm, space_to_depth_forward)
 
 LEVERS = ("input", "loop1", "guard", "metrics", "xla")
 FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
-                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_op", "s2d",
+                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_compiled", "adam_op", "s2d",
                     "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
                     "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
@@ -77,7 +79,7 @@ def make_runner(tf, name, lever):
 
     defaults = REGISTRY[name].defaults
     tf.random.set_seed(1)
-    optimizer = {"adam": AdamOp if lever == "adam_op" else optimizers.Adam, "sgd": optimizers.SGD}[
+    optimizer = {"adam": lambda rate: make_adam(lever, rate), "sgd": optimizers.SGD}[
         defaults["optimizer"]](defaults["learning_rate"])
     model = REGISTRY[name].build(defaults["dropout"])
     model.build((None, 28, 28, 1))

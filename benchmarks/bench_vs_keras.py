@@ -191,7 +191,7 @@ class Ours:
     `batches` (a batch source such as data.GatheredBatches, or a tf.data.Dataset)."""
 
     def __init__(self, tf, name, precision, seed, lever=None):
-        from benchmarks.fast_path_levers import AdamOp, on_formulas, space_to_depth_forward
+        from benchmarks.fast_path_levers import make_adam, on_formulas, space_to_depth_forward
         from core import optimizers
         from core.trainer import Runner, Trainer
         from models import REGISTRY
@@ -205,7 +205,7 @@ class Ours:
             for layer in self.model.layers:
                 if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
                     layer._forward = space_to_depth_forward(tf, layer)
-        optimizer = {"adam": AdamOp if lever == "adam_op" else optimizers.Adam, "sgd": optimizers.SGD}[
+        optimizer = {"adam": lambda rate: make_adam(lever, rate), "sgd": optimizers.SGD}[
             defaults["optimizer"]](defaults["learning_rate"])
         options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
         runner = Runner(self.model, optimizer, precision=precision, jit_compile=compiled(name))

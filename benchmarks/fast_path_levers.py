@@ -2,6 +2,16 @@
 changes one thing in a copy of the step, so the two can be timed against each other in one process."""
 
 
+def make_adam(lever, learning_rate):
+    """The lever's Adam: one tf.raw_ops.ResourceApplyAdam per variable (adam_op), its float32 updates as one
+    XLA-compiled function (adam_compiled: Adam(fused=True)), else the default (the formula op by op)."""
+    from core import optimizers
+
+    if lever == "adam_op":
+        return AdamOp(learning_rate)
+    return optimizers.Adam(learning_rate, fused=lever == "adam_compiled")
+
+
 def on_formulas(model, lever):
     """Puts the layers that `lever` names on their formulas (fused=False); relu_kernel_after_bn: every ReLU that
     follows a BatchNorm as tf.nn.relu, merged into the BatchNorm's kernel whatever its channel count;

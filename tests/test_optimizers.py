@@ -62,6 +62,51 @@ def test_adam_with_schedule_and_non_default_constants_matches_keras():
         assert _ulps(a, b) <= 4
 
 
+@pytest.mark.parametrize("xla_step", [False, True], ids=["tf_function", "inside_an_xla_step"])
+def test_fused_adam_is_the_formula_bit_for_bit(xla_step, monkeypatch):
+    """Adam(fused=True) (the float32 updates as one XLA-compiled function) against fused=False (the formula op by
+    op, in a tf.function): the same bits in every weight and slot after 101 steps of a schedule, whether the step
+    around the fast path runs op by op or is itself compiled by XLA (where the formula would not be: XLA fuses its
+    products into the sums). A float64 variable beside them takes the formula (op by op: not in the XLA step)."""
+    from core.optimizers import adam as adam_module
+    compiled, calls = adam_module._compiled_updates, []
+    monkeypatch.setattr(adam_module, "_compiled_updates", lambda *args: calls.append(len(args[0])) or compiled(*args))
+    rng = np.random.default_rng(2)
+    shapes = SHAPES + [(300, 40)]
+    initial = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    initial += [] if xla_step else [rng.standard_normal(5)]
+    grads = [[rng.standard_normal(np.shape(w)) * 10.0 ** rng.uniform(-6, 0) for w in initial] for _ in range(5)]
+    results = []
+    for fused in (True, False):
+        weights = [tf.Variable(w) for w in initial]
+        adam = optimizers.Adam(schedules.ExponentialDecay(0.02, 0.5, 30, staircase=True), fused=fused)
+        adam.build(weights)
+        step = tf.function(lambda gs: adam.apply(gs, weights), jit_compile=xla_step and fused)
+        for t in range(STEPS):
+            step([tf.constant(g, w.dtype) for g, w in zip(grads[t % 5], weights)])
+        results.append([v.numpy() for v in weights + adam.m + adam.v])
+    assert calls == [len(shapes)]  # traced once, with the float32 variables only
+    for fast, formula in zip(*results):
+        assert fast.tobytes() == formula.tobytes()
+    assert all(np.abs(w - w0).max() > 0.1 for w, w0 in zip(results[0], initial))
+
+
+def test_fused_adam_under_a_distribution_strategy_runs_the_formula(monkeypatch):
+    """Under a tf.distribute strategy (variables that may be mirrored) Adam(fused=True) leaves the compiled function
+    alone and runs the formula op by op."""
+    from core.optimizers import adam as adam_module
+    calls = []
+    monkeypatch.setattr(adam_module, "_compiled_updates", lambda *args: calls.append(args))
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        weights = [tf.Variable(w) for w in _initial()]
+        adam = optimizers.Adam(0.01, fused=True)
+        adam.build(weights)
+    strategy.run(tf.function(lambda: adam.apply([tf.ones_like(w) for w in weights], weights)))
+    assert not calls and int(adam.step.numpy()) == 1
+    assert all(np.abs(w.numpy() - w0).max() > 0.005 for w, w0 in zip(weights, _initial()))
+
+
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
 def test_sgd_matches_keras(momentum, nesterov):
     ours, theirs = _run_both(optimizers.SGD(0.05, momentum=momentum, nesterov=nesterov),

@@ -57,7 +57,7 @@ class Optimizer(tf.Module):
             self.build(variables)
         index = {ref: i for i, ref in enumerate(self._variable_refs)}
         learning_rate = self.current_learning_rate()
-        rates = {}
+        rates, updates = {}, []
         for g, w in zip(gradients, variables):
             if w.ref() not in index:
                 raise ValueError(f"{type(self).__name__}.apply: variable {w.name} {w.shape.as_list()} was not "
@@ -70,8 +70,15 @@ class Optimizer(tf.Module):
                                  f"variable {w.name} {w.shape.as_list()}")
             if w.dtype not in rates:
                 rates[w.dtype] = self._step_rate(tf.cast(learning_rate, w.dtype), w.dtype)
-            self._update(tf.cast(tf.convert_to_tensor(g), w.dtype), w, index[w.ref()], rates[w.dtype])
+            updates.append((tf.cast(tf.convert_to_tensor(g), w.dtype), w, index[w.ref()]))
+        self._apply_updates(updates, rates)
         self.step.assign_add(1)
+
+    def _apply_updates(self, updates, rates):
+        """Every (g, w, i) of this step by `_update`, the formula; rates: {dtype: the step's rate}. A subclass may
+        compute some of them otherwise (a fast path), equal to the formula."""
+        for g, w, i in updates:
+            self._update(g, w, i, rates[w.dtype])
 
     def _step_rate(self, learning_rate, dtype):
         """The step size every `_update` of this step receives for variables of `dtype`, computed once per step
