@@ -34,7 +34,9 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
                        float32; bfloat16_padded_batch_norm: `bfloat16` with each BatchNorm whose channels are not a
                        multiple of 16 fed x zero-padded to one (oneDNN's bfloat16 kernel) instead of its pixels
                        grouped; bfloat16_batch_norm_between_casts: `bfloat16` with such a BatchNorm's x cast to
-                       float32 for the float32 kernel and y cast back (instead of its pixels grouped)
+                       float32 for the float32 kernel and y cast back (instead of its pixels grouped);
+                       bfloat16_batch_norm_relu_apart: `bfloat16` with each grouped BatchNorm and the ReLU after it
+                       called apart (instead of as one call, BatchNorm.call_with_relu)
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
 --inter_op=N --intra_op=M and compare its baseline column; so with TensorFlow's oneDNN environment variables
 (TF_ONEDNN_THREADPOOL_USE_CALLER_THREAD=1, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1). The figures go into RESULTS.md.
@@ -59,7 +61,8 @@ LEVERS = ("input", "loop1", "guard", "metrics", "xla")
 FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
                     "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_compiled", "adam_op", "s2d",
                     "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
-                    "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts")
+                    "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
+                    "bfloat16_batch_norm_relu_apart")
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
@@ -90,14 +93,16 @@ def make_runner(tf, name, lever):
                 layer._forward = space_to_depth_forward(tf, layer)
     if lever == "bfloat16_float32_first_layer":
         float32_first_layer(model)
-    if lever == "bfloat16_padded_batch_norm":
-        for layer in model.layers:
-            if isinstance(layer, BatchNorm):
-                layer._fused = padded_batch_norm(tf, layer)
-    if lever == "bfloat16_batch_norm_between_casts":
-        for layer in model.layers:
-            if isinstance(layer, BatchNorm):
-                layer._fused = batch_norm_between_casts(tf, layer)
+    for layer in model.layers:
+        if not isinstance(layer, BatchNorm):
+            continue
+        if lever in ("bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
+                     "bfloat16_batch_norm_relu_apart"):
+            layer.merges_relu = lambda x, training: False  # the BatchNorm and its ReLU called apart
+        if lever == "bfloat16_padded_batch_norm":
+            layer._fused = padded_batch_norm(tf, layer)
+        if lever == "bfloat16_batch_norm_between_casts":
+            layer._fused = batch_norm_between_casts(tf, layer)
     precision = "mixed_bfloat16" if (lever or "").startswith("bfloat16") else "float32"
     runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
     if lever == "guard":

@@ -350,7 +350,8 @@ class BatchNorm(Layer):
 
     fused (default): for x [N, H, W, C] the whole formula runs as one kernel, FusedBatchNormV3, in training and
     inference, equal to the formula to float32 rounding (tests/test_fast_paths.py); it takes a 16-bit x with
-    float32 gamma, beta and statistics (`mixed_input`; with 12 or 24 channels, as a view of 48, `_fused_grouped`).
+    float32 gamma, beta and statistics (`mixed_input`; with 12 or 24 channels, as a view of 48, `_fused_grouped`,
+    with the ReLU after it inside where Sequential merges them, `call_with_relu`).
     fused=False: the formula's ops, the reference. The formula also runs where the kernel does not pay or cannot
     run: x [N, C] (as [N, 1, 1, C] the kernel measured 3x slower than the formula), float64 variables, and
     training with `synchronized`. The hand-written backward pass (`backward`) is always the formula's.
@@ -419,7 +420,7 @@ class BatchNorm(Layer):
         0.88-0.95 of the bfloat16 step with the casts)."""
         c = self.moving_mean.shape[0]
         dtype = self.moving_mean.dtype
-        if x.dtype != dtype and c % 16 and training and _pixels_per_group(c, x.shape[2]):
+        if self._runs_grouped(x, training):
             return self._fused_grouped(x)
         if x.dtype != dtype and c % 16:
             y, mean, variance = self._fused(tf.cast(x, dtype), training)
@@ -437,7 +438,28 @@ class BatchNorm(Layer):
                                                        is_training=False)
         return y, mean, variance
 
-    def _fused_grouped(self, x):
+    def _runs_grouped(self, x, training):
+        """Whether a call on x (in the layer's dtype) takes `_fused_grouped`: the fused kernel, in training (not
+        synchronized), on a 16-bit x whose channels are not a multiple of 16 and whose width groups them."""
+        c = self.moving_mean.shape[0]
+        return (self.fused and training and not self.synchronized and self._fusable() and x.shape.rank == 4
+                and x.dtype != self.moving_mean.dtype and c % 16 != 0 and _pixels_per_group(c, x.shape[2]) is not None)
+
+    def merges_relu(self, x, training):
+        """Whether `call_with_relu(x)` applies: a call that runs grouped, whose ReLU the graph optimizer cannot merge
+        into the kernel as it does elsewhere (FusedBatchNormV3 + Relu): the grouped view's reshape stands between."""
+        x = tf.convert_to_tensor(x)
+        return self.built and self._runs_grouped(tf.cast(x, self.dtype) if x.dtype != self.dtype else x, training)
+
+    def call_with_relu(self, x):
+        """relu(self(x, training=True)) as one grouped kernel call with the ReLU inside (`_fused_grouped`), where
+        `merges_relu(x, True)`: the same values, one pass fewer each way (Sequential calls it for BatchNorm + ReLU)."""
+        self._check_input_shape(batch_shape(x.shape))
+        if x.dtype != self.dtype:
+            x = tf.cast(x, self.dtype)
+        return self._fused_grouped(x, relu=True)[0]
+
+    def _fused_grouped(self, x, relu=False):
         """Training on a 16-bit x [N, H, W, C] whose C is not a multiple of 16, by oneDNN's 16-bit kernel: x seen
         as [N, H, W/k, k*C] (the same memory; k neighbouring pixels' channels side by side, k*C a multiple of 16).
         The kernel's statistics are then per pixel phase p and channel; with n values in each phase,
@@ -447,7 +469,9 @@ class BatchNorm(Layer):
         (the variance of the k phases together). y is the kernel's inference call with these statistics (tiled
         k times), and the backward pass is the formula's, dx = (gamma / sigma) (dy - mean(dy) - x_hat mean(dy
         x_hat)): the kernel's inference gradient gives (gamma / sigma) dy, sum(dy) and sum(dy x_hat) per phase,
-        and the rest, an affine function of x per channel, is one more inference call of the kernel."""
+        and the rest, an affine function of x per channel, is one more inference call of the kernel. relu: y is
+        relu(y), applied to the kernel's output (which the graph optimizer merges into it), and dy * [y > 0] the
+        gradient that reaches the formula's."""
         c = self.moving_mean.shape[0]
         k = _pixels_per_group(c, x.shape[2])
         dtype = self.moving_mean.dtype
@@ -472,9 +496,13 @@ class BatchNorm(Layer):
             mean = tf.reduce_mean(phase_mean, axis=0)
             variance = tf.reduce_mean(phase_variance + tf.square(phase_mean - mean), axis=0)
             y = kernel(xg, gamma, beta, mean, variance)
+            if relu:
+                y = tf.nn.relu(y)
 
             def backward(dy, d_mean, d_variance):
                 dyg = tf.reshape(dy, grouped)
+                if relu:
+                    dyg = tf.raw_ops.ReluGrad(gradients=dyg, features=y)
                 tiled = [tf.tile(t, [k]) for t in (gamma, mean, variance)]
                 dx_direct, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
                     y_backprop=dyg, x=xg, scale=tiled[0], reserve_space_1=tiled[1], reserve_space_2=tiled[2],
@@ -851,10 +879,19 @@ class Sequential(tf.Module):
         self.built = True
 
     def __call__(self, x, training=False):
-        """x [N, ...] -> logits [N, classes]."""
+        """x [N, ...] -> logits [N, classes]. In training, a BatchNorm and the fused ReLU after it run as one call
+        where the BatchNorm groups pixels (`BatchNorm.merges_relu`): the same values, merged as TensorFlow's graph
+        optimizer merges every other BatchNorm + ReLU pair."""
         x = self._built_for(x)
-        for layer in self.layers:
-            x = layer(x, training=training)
+        merged = False
+        for layer, following in zip(self.layers, self.layers[1:] + [None]):
+            if merged:
+                merged = False
+            elif (training and isinstance(layer, BatchNorm) and isinstance(following, Activation)
+                  and following.fused and following.fn is activations.relu and layer.merges_relu(x, training)):
+                x, merged = layer.call_with_relu(x), True
+            else:
+                x = layer(x, training=training)
         return x
 
     def activations(self, x, training=False):

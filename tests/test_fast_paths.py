@@ -150,6 +150,46 @@ def test_grouped_batch_norm_takes_an_x_of_unknown_batch_and_height():
         np.testing.assert_array_equal(getattr(layers[0], name).numpy(), getattr(layers[1], name).numpy())
 
 
+def test_a_grouped_batch_norm_and_the_relu_after_it_run_as_one_call_with_the_same_values(monkeypatch):
+    """In bfloat16 training, Sequential runs each BatchNorm whose pixels are grouped (12 and 24 channels) and the
+    ReLU after it as one call (BatchNorm.call_with_relu): the loss, every gradient and the moving statistics are
+    bit-identical to the two layers called apart. 16 channels (no grouping) and inference run them apart."""
+    from core.precision import compute_in
+
+    def model():
+        tf.random.set_seed(4)
+        layers = []
+        for filters, stride in ((12, 1), (24, 2), (16, 2)):
+            layers += [Conv2D(filters, 3, strides=stride, padding="same", use_bias=False), BatchNorm(scale=False),
+                       Activation("relu")]
+        net = Sequential(layers + [Flatten(), Dense(10)])
+        net.build((None, 8, 8, 1))
+        return net
+
+    x = tf.cast(tf.random.stateless_normal([16, 8, 8, 1], seed=[1, 2]), tf.bfloat16)
+    labels = tf.constant(np.arange(16) % 10)
+    merged = []
+    call_with_relu = BatchNorm.call_with_relu
+    monkeypatch.setattr(BatchNorm, "call_with_relu", lambda self, x: merged.append(x.shape[-1]) or call_with_relu(
+        self, x))
+    results = []
+    for apart in (False, True):
+        if apart:
+            monkeypatch.setattr(BatchNorm, "merges_relu", lambda self, x, training: False)
+        net = model()
+        with tf.GradientTape() as tape:
+            with compute_in(net, tf.bfloat16):
+                logits = net(x, training=True)
+            loss = softmax_cross_entropy(tf.cast(logits, tf.float32), labels)
+        gradients = tape.gradient(loss, net.trainable_variables)
+        with compute_in(net, tf.bfloat16):
+            inference = net(x, training=False)
+        results.append([loss, inference, *gradients, *[v for v in net.variables if "moving" in v.name]])
+    assert merged == [12, 24]  # the 16-channel BatchNorm runs the kernel as it is, its ReLU merged by TensorFlow
+    for a, b in zip(*results):
+        assert tf.cast(a, tf.float32).numpy().tobytes() == tf.cast(b, tf.float32).numpy().tobytes()
+
+
 def test_relu_kernel_is_the_formula_exactly_gradient_zero_at_zero():
     x = tf.constant([-2.0, -0.0, 0.0, 1e-30, 3.5, -1e-30])
     assert activations.kernel(activations.relu) is tf.nn.relu
