@@ -420,7 +420,7 @@ class BatchNorm(Layer):
         0.88-0.95 of the bfloat16 step with the casts)."""
         c = self.moving_mean.shape[0]
         dtype = self.moving_mean.dtype
-        if self._runs_grouped(x, training):
+        if self._runs_grouped(x.shape, x.dtype, training):
             return self._fused_grouped(x)
         if x.dtype != dtype and c % 16:
             y, mean, variance = self._fused(tf.cast(x, dtype), training)
@@ -438,26 +438,22 @@ class BatchNorm(Layer):
                                                        is_training=False)
         return y, mean, variance
 
-    def _runs_grouped(self, x, training):
-        """Whether a call on x (in the layer's dtype) takes `_fused_grouped`: the fused kernel, in training (not
+    def _runs_grouped(self, shape, dtype, training):
+        """Whether a call on an x of `shape` and `dtype` takes `_fused_grouped`: the fused kernel, in training (not
         synchronized), on a 16-bit x whose channels are not a multiple of 16 and whose width groups them."""
         c = self.moving_mean.shape[0]
-        return (self.fused and training and not self.synchronized and self._fusable() and x.shape.rank == 4
-                and x.dtype != self.moving_mean.dtype and c % 16 != 0 and _pixels_per_group(c, x.shape[2]) is not None)
+        return (self.fused and training and not self.synchronized and self._fusable() and shape.rank == 4
+                and dtype != self.moving_mean.dtype and c % 16 != 0 and _pixels_per_group(c, shape[2]) is not None)
 
     def merges_relu(self, x, training):
         """Whether `call_with_relu(x)` applies: a call that runs grouped, whose ReLU the graph optimizer cannot merge
         into the kernel as it does elsewhere (FusedBatchNormV3 + Relu): the grouped view's reshape stands between."""
-        x = tf.convert_to_tensor(x)
-        return self.built and self._runs_grouped(tf.cast(x, self.dtype) if x.dtype != self.dtype else x, training)
+        return self.built and self._runs_grouped(x.shape, self.dtype, training)
 
     def call_with_relu(self, x):
         """relu(self(x, training=True)) as one grouped kernel call with the ReLU inside (`_fused_grouped`), where
         `merges_relu(x, True)`: the same values, one pass fewer each way (Sequential calls it for BatchNorm + ReLU)."""
-        self._check_input_shape(batch_shape(x.shape))
-        if x.dtype != self.dtype:
-            x = tf.cast(x, self.dtype)
-        return self._fused_grouped(x, relu=True)[0]
+        return self._fused_grouped(self._input(x), relu=True)[0]
 
     def _fused_grouped(self, x, relu=False):
         """Training on a 16-bit x [N, H, W, C] whose C is not a multiple of 16, by oneDNN's 16-bit kernel: x seen

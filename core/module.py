@@ -124,14 +124,16 @@ class Layer(tf.Module):
         if tf.is_tensor(training):
             raise ValueError(f"{self}: training must be a Python bool (trace one tf.function per mode), "
                              f"got a tensor {training!r}")
+        return self._forward(self._input(x), bool(training))
+
+    def _input(self, x):
+        """x as a tensor of the layer's dtype, the layer built from its shape on the first call, else checked."""
         x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
         if not self.built:
             self.build(x.shape, x.dtype if x.dtype.is_floating else tf.float32)
         else:
             self._check_input_shape(batch_shape(x.shape))
-        if x.dtype != self.dtype:
-            x = tf.cast(x, self.dtype)
-        return self._forward(x, bool(training))
+        return tf.cast(x, self.dtype) if x.dtype != self.dtype else x
 
     def build(self, input_shape, dtype=tf.float32):
         """Creates the variables for inputs of `input_shape` (batch dimension ignored) in `dtype`; idempotent."""
