@@ -385,6 +385,10 @@ class BatchNorm(Layer):
     def _fusable(self):
         return self.built and len(self.input_shape) == 4 and self.moving_mean.dtype == tf.float32
 
+    def _runs_kernel(self, training):
+        """Whether a call runs the fused kernel (`_fused`) rather than the formula's ops."""
+        return self.fused and not (training and self.synchronized) and self._fusable()
+
     def _create_variables(self, input_shape):
         c = input_shape[-1]
         if c is None:
@@ -403,7 +407,7 @@ class BatchNorm(Layer):
 
     def _normalized(self, x, training):
         """(y, mean, variance) by the fused kernel where it applies, else by the formula's ops."""
-        if self.fused and not (training and self.synchronized) and self._fusable():
+        if self._runs_kernel(training):
             return self._fused(x, training)
         mean, variance = self._statistics(x, training)
         return self._normalize(x, mean, variance), mean, variance
@@ -442,8 +446,8 @@ class BatchNorm(Layer):
         """Whether a call on an x of `shape` and `dtype` takes `_fused_grouped`: the fused kernel, in training (not
         synchronized), on a 16-bit x whose channels are not a multiple of 16 and whose width groups them."""
         c = self.moving_mean.shape[0]
-        return (self.fused and training and not self.synchronized and self._fusable() and shape.rank == 4
-                and dtype != self.moving_mean.dtype and c % 16 != 0 and _pixels_per_group(c, shape[2]) is not None)
+        return (training and self._runs_kernel(training) and shape.rank == 4 and dtype != self.moving_mean.dtype
+                and c % 16 != 0 and _pixels_per_group(c, shape[2]) is not None)
 
     def merges_relu(self, x, training):
         """Whether `call_with_relu(x)` applies: a call that runs grouped, whose ReLU the graph optimizer cannot merge
