@@ -54,15 +54,9 @@ sys.path.insert(0, str(ROOT))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import results  # noqa: E402
-from benchmarks.fast_path_levers import (batch_norm_between_casts, float32_first_layer, make_adam,  # noqa: E402
-                                         on_formulas, padded_batch_norm, space_to_depth_forward)
+from benchmarks.fast_path_levers import FAST_PATH_LEVERS, STEP_LEVERS, lever_runner  # noqa: E402
 
-LEVERS = ("input", "loop1", "guard", "metrics", "xla")
-FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
-                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_compiled", "adam_op", "s2d",
-                    "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
-                    "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
-                    "bfloat16_batch_norm_relu_apart")
+LEVERS = ("input", "loop1") + STEP_LEVERS
 flags.DEFINE_list("models", ["softmax", "dense5", "conv", "conv_bn"], "Models (their default batch sizes).")
 flags.DEFINE_list("levers", list(LEVERS), f"Levers: {', '.join(LEVERS + FAST_PATH_LEVERS)}.")
 flags.DEFINE_integer("steps", 200, "Steps per timed round.")
@@ -74,60 +68,6 @@ FLAGS = flags.FLAGS
 LOOP = 50
 
 
-def make_runner(tf, name, lever):
-    from core import optimizers
-    from core.layers import BatchNorm
-    from core.runner import Runner
-    from models import REGISTRY
-
-    defaults = REGISTRY[name].defaults
-    tf.random.set_seed(1)
-    optimizer = {"adam": lambda rate: make_adam(lever, rate), "sgd": optimizers.SGD}[
-        defaults["optimizer"]](defaults["learning_rate"])
-    model = REGISTRY[name].build(defaults["dropout"])
-    model.build((None, 28, 28, 1))
-    on_formulas(model, lever)
-    if lever == "s2d":
-        for layer in model.layers:
-            if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
-                layer._forward = space_to_depth_forward(tf, layer)
-    if lever == "bfloat16_float32_first_layer":
-        float32_first_layer(model)
-    for layer in model.layers:
-        if not isinstance(layer, BatchNorm):
-            continue
-        if lever in ("bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
-                     "bfloat16_batch_norm_relu_apart"):
-            layer.merges_relu = lambda x, training: False  # the BatchNorm and its ReLU called apart
-        if lever == "bfloat16_padded_batch_norm":
-            layer._fused = padded_batch_norm(tf, layer)
-        if lever == "bfloat16_batch_norm_between_casts":
-            layer._fused = batch_norm_between_casts(tf, layer)
-    precision = "mixed_bfloat16" if (lever or "").startswith("bfloat16") else "float32"
-    runner = Runner(model, optimizer, jit_compile=lever == "xla", precision=precision)
-    if lever == "guard":
-        runner.step = lambda batch: _unguarded(runner, batch)
-    if lever == "metrics":
-        for metric in (runner.train_loss, runner.train_accuracy, runner.window_loss, runner.window_accuracy):
-            metric.update = lambda *args, **kwargs: None
-    return runner
-
-
-def _unguarded(runner, batch):
-    """The step without any finiteness check: gradients applied as they are."""
-    import tensorflow as tf
-    images, labels = batch
-    loss, logits, gradients = runner.compute_gradients(runner.model, runner.loss_fn, images, labels,
-                                                       runner.trainable)
-    runner.optimizer.apply(gradients, runner.trainable)
-    count = tf.cast(tf.shape(labels)[0], tf.float32)
-    for mean_loss, accuracy in ((runner.train_loss, runner.train_accuracy),
-                                (runner.window_loss, runner.window_accuracy)):
-        mean_loss.update(loss, weight=count)
-        accuracy.update(labels, logits)
-    return tf.constant(True)
-
-
 class Side:
     """A runner and its batches: run(steps) trains `steps` steps in calls of `loop`."""
 
@@ -136,7 +76,8 @@ class Side:
 
         self.tf = tf
         batch = REGISTRY[name].defaults["batch_size"]
-        self.runner = make_runner(tf, name, lever)
+        # input, loop1 and gathered (the fast paths' baseline) change the feeding, not the step
+        self.runner = lever_runner(tf, name, lever if lever in STEP_LEVERS + FAST_PATH_LEVERS else None)
         self.loop = 1 if lever == "loop1" else LOOP
         if lever in ("input", "xla", "gathered") + FAST_PATH_LEVERS:
             self.source = data.GatheredBatches(train, batch, seed=1)
@@ -166,6 +107,10 @@ class Side:
 
 def main(argv):
     del argv
+    unknown = [lever for lever in FLAGS.levers if lever not in LEVERS + FAST_PATH_LEVERS]
+    if unknown:
+        raise app.UsageError(f"--levers: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(LEVERS + FAST_PATH_LEVERS)}")
     import tensorflow as tf
     if FLAGS.inter_op:
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op)

@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from absl import app, flags  # noqa: E402
 
 from benchmarks import results  # noqa: E402
+from benchmarks.fast_path_levers import FAST_PATH_LEVERS, STEP_LEVERS, lever_runner  # noqa: E402
 
 # (label, model, batch size, our precision, Keras's dtype policy)
 CASES = {
@@ -102,8 +103,9 @@ flags.DEFINE_float("accuracy_target", None, "Time to accuracy: this target for e
 flags.DEFINE_integer("max_epochs", 15, "Time to accuracy: give up after this many epochs.", lower_bound=1)
 flags.DEFINE_integer("accuracy_steps_per_epoch", None, "Time to accuracy: steps per epoch (default: full "
                      "epochs); small values only check the mode.", lower_bound=1)
-flags.DEFINE_list("levers", [], "Extra columns: our step with each lever of bench_levers.py (formulas, "
-                  "formula_bn, formula_relu_bias, adam_op, s2d), alternated in the same rounds.")
+flags.DEFINE_list("levers", [], "Extra columns: our step with each lever of bench_levers.py that changes the "
+                  "step (formulas, formula_bn, adam_op, s2d, guard, ...; fast_path_levers.py lists them), "
+                  "alternated in the same rounds.")
 flags.DEFINE_bool("whole_process", False, "Instead of the in-process table: each side a fresh process for one and "
                   "two full epochs with evaluation (ours train.py), the difference per step.")
 flags.DEFINE_integer("repetitions", 3, "Whole process: alternated repetitions per side and epoch count.")
@@ -187,28 +189,16 @@ def tf_spec(tensor):
 
 
 class Ours:
-    """Our model, optimizer and Trainer, as train.py makes them; fit(batches) trains one more epoch of
-    `batches` (a batch source such as data.GatheredBatches, or a tf.data.Dataset)."""
+    """Our model, optimizer and Trainer, as train.py makes them, with `lever` applied (fast_path_levers.py);
+    fit(batches) trains one more epoch of `batches` (a batch source such as data.GatheredBatches, or a
+    tf.data.Dataset)."""
 
     def __init__(self, tf, name, precision, seed, lever=None):
-        from benchmarks.fast_path_levers import make_adam, on_formulas, space_to_depth_forward
-        from core import optimizers
-        from core.trainer import Runner, Trainer
-        from models import REGISTRY
+        from core.trainer import Trainer
 
-        defaults = settings(name)
-        tf.random.set_seed(seed)
-        self.model = REGISTRY[name].build(defaults["dropout"])
-        self.model.build((None, 28, 28, 1))
-        on_formulas(self.model, lever)
-        if lever == "s2d":
-            for layer in self.model.layers:
-                if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
-                    layer._forward = space_to_depth_forward(tf, layer)
-        optimizer = {"adam": lambda rate: make_adam(lever, rate), "sgd": optimizers.SGD}[
-            defaults["optimizer"]](defaults["learning_rate"])
+        runner = lever_runner(tf, name, lever, precision, compiled(name), seed)
+        self.model = runner.model
         options = {} if FLAGS.steps_per_loop is None else {"steps_per_loop": FLAGS.steps_per_loop}
-        runner = Runner(self.model, optimizer, precision=precision, jit_compile=compiled(name))
         self.trainer = Trainer(runner, progress=False, **options)
         self.epochs = 0
 
@@ -571,6 +561,10 @@ def main(argv):
     unknown = [case for case in FLAGS.cases if case not in CASES]
     if unknown:
         raise app.UsageError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    levers = FAST_PATH_LEVERS + STEP_LEVERS
+    unknown = [lever for lever in FLAGS.levers if lever not in levers]
+    if unknown:
+        raise app.UsageError(f"--levers: unknown {', '.join(unknown)}; choose from {', '.join(levers)}")
     given = FLAGS.whole_process_epochs
     if given is not None and (len(given) != 2 or not all(e.isdigit() and int(e) > 0 for e in given)
                               or int(given[0]) >= int(given[1])):

@@ -1,5 +1,72 @@
 """The fast-path levers as variants of our model and optimizer, for bench_levers.py and bench_vs_keras.py: each
-changes one thing in a copy of the step, so the two can be timed against each other in one process."""
+changes one thing in a copy of the step, so the two can be timed against each other in one process. Both build
+their steps with `lever_runner` (bench_levers.py's docstring says what each lever changes)."""
+
+STEP_LEVERS = ("guard", "metrics", "xla")
+FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_bn", "relu_kernel_after_bn",
+                    "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_compiled", "adam_op", "s2d",
+                    "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
+                    "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
+                    "bfloat16_batch_norm_relu_apart")
+
+
+def lever_runner(tf, name, lever=None, precision="float32", jit_compile=False, seed=1):
+    """A Runner of model `name` (built for 28x28x1 images; its codelab dropout, optimizer and learning rate) with
+    `lever` applied: one of STEP_LEVERS or FAST_PATH_LEVERS, or None for the default step. A lever named
+    bfloat16_* runs under mixed_bfloat16, xla with jit_compile, whatever `precision` and `jit_compile` say."""
+    from core import optimizers
+    from core.layers import BatchNorm
+    from core.runner import Runner
+    from models import REGISTRY
+
+    if lever is not None and lever not in STEP_LEVERS + FAST_PATH_LEVERS:
+        raise ValueError(f"unknown lever {lever!r}: choose from {', '.join(STEP_LEVERS + FAST_PATH_LEVERS)}")
+    defaults = REGISTRY[name].defaults
+    tf.random.set_seed(seed)
+    model = REGISTRY[name].build(defaults["dropout"])
+    model.build((None, 28, 28, 1))
+    on_formulas(model, lever)
+    if lever == "s2d":
+        for layer in model.layers:
+            if getattr(layer, "kernel_size", None) == (6, 6) and layer.strides == (2, 2):
+                layer._forward = space_to_depth_forward(tf, layer)
+    if lever == "bfloat16_float32_first_layer":
+        float32_first_layer(model)
+    for layer in model.layers:
+        if not isinstance(layer, BatchNorm):
+            continue
+        if lever in ("bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
+                     "bfloat16_batch_norm_relu_apart"):
+            layer.merges_relu = lambda x, training: False  # the BatchNorm and its ReLU called apart
+        if lever == "bfloat16_padded_batch_norm":
+            layer._fused = padded_batch_norm(tf, layer)
+        if lever == "bfloat16_batch_norm_between_casts":
+            layer._fused = batch_norm_between_casts(tf, layer)
+    optimizer = {"adam": lambda rate: make_adam(lever, rate), "sgd": optimizers.SGD}[
+        defaults["optimizer"]](defaults["learning_rate"])
+    runner = Runner(model, optimizer, jit_compile=jit_compile or lever == "xla",
+                    precision="mixed_bfloat16" if (lever or "").startswith("bfloat16") else precision)
+    if lever == "guard":
+        runner.step = lambda batch: _unguarded(runner, batch)
+    if lever == "metrics":
+        for metric in (runner.train_loss, runner.train_accuracy, runner.window_loss, runner.window_accuracy):
+            metric.update = lambda *args, **kwargs: None
+    return runner
+
+
+def _unguarded(runner, batch):
+    """The step without any finiteness check: gradients applied as they are."""
+    import tensorflow as tf
+    images, labels = batch
+    loss, logits, gradients = runner.compute_gradients(runner.model, runner.loss_fn, images, labels,
+                                                       runner.trainable)
+    runner.optimizer.apply(gradients, runner.trainable)
+    count = tf.cast(tf.shape(labels)[0], tf.float32)
+    for mean_loss, accuracy in ((runner.train_loss, runner.train_accuracy),
+                                (runner.window_loss, runner.window_accuracy)):
+        mean_loss.update(loss, weight=count)
+        accuracy.update(labels, logits)
+    return tf.constant(True)
 
 
 def make_adam(lever, learning_rate):
