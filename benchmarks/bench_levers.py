@@ -37,6 +37,8 @@ The fast paths, each against the default step (fused kernels on, float32) fed by
                        float32 for the float32 kernel and y cast back (instead of its pixels grouped);
                        bfloat16_batch_norm_relu_apart: `bfloat16` with each grouped BatchNorm and the ReLU after it
                        called apart (instead of as one call, BatchNorm.call_with_relu)
+    float32_grouped_batch_norm  the float32 step with each BatchNorm whose channels are not a multiple of 16
+                       run on grouped pixels in training, as the bfloat16 step runs it (BatchNorm._fused_grouped)
 Threading (inter_op / intra_op) is set before TensorFlow starts: run this script again with
 --inter_op=N --intra_op=M and compare its baseline column; so with TensorFlow's oneDNN environment variables
 (TF_ONEDNN_THREADPOOL_USE_CALLER_THREAD=1, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1). The figures go into RESULTS.md.

@@ -7,7 +7,7 @@ FAST_PATH_LEVERS = ("formulas", "formula_bn", "formula_relu_bias", "relu_after_b
                     "bfloat16", "bfloat16_formulas", "bfloat16_relu_after_bn", "adam_compiled", "adam_op", "s2d",
                     "backward_data_kernel", "bfloat16_backward_data_kernel", "bfloat16_float32_first_layer",
                     "bfloat16_padded_batch_norm", "bfloat16_batch_norm_between_casts",
-                    "bfloat16_batch_norm_relu_apart")
+                    "bfloat16_batch_norm_relu_apart", "float32_grouped_batch_norm")
 
 
 def lever_runner(tf, name, lever=None, precision="float32", jit_compile=False, seed=1):
@@ -40,6 +40,8 @@ def lever_runner(tf, name, lever=None, precision="float32", jit_compile=False, s
             layer.merges_relu = lambda x, training: False  # the BatchNorm and its ReLU called apart
         if lever == "bfloat16_padded_batch_norm":
             layer._fused = padded_batch_norm(tf, layer)
+        if lever == "float32_grouped_batch_norm":
+            layer._runs_grouped = grouped_in_float32(layer)
         if lever == "bfloat16_batch_norm_between_casts":
             layer._fused = batch_norm_between_casts(tf, layer)
     optimizer = {"adam": lambda rate: make_adam(lever, rate), "sgd": optimizers.SGD}[
@@ -160,6 +162,20 @@ def padded_batch_norm(tf, layer):
         return y[..., :channels], mean, variance
 
     return padded
+
+
+def grouped_in_float32(layer):
+    """BatchNorm._runs_grouped without its 16-bit condition: a float32 x whose channels are not a multiple of 16
+    also takes `_fused_grouped` in training (four kernel calls on 4 or 2 pixels' 48 channels, the ReLU after it
+    inside) instead of the float32 kernel on its own 12 or 24 channels."""
+    from core.layers import _pixels_per_group
+
+    def runs_grouped(shape, dtype, training):
+        channels = layer.moving_mean.shape[0]
+        return (training and layer._runs_kernel(training) and shape.rank == 4 and channels % 16 != 0
+                and _pixels_per_group(channels, shape[2]) is not None)
+
+    return runs_grouped
 
 
 def batch_norm_between_casts(tf, layer):
