@@ -165,17 +165,13 @@ def padded_batch_norm(tf, layer):
 
 
 def grouped_in_float32(layer):
-    """BatchNorm._runs_grouped without its 16-bit condition: a float32 x whose channels are not a multiple of 16
-    also takes `_fused_grouped` in training (four kernel calls on 4 or 2 pixels' 48 channels, the ReLU after it
-    inside) instead of the float32 kernel on its own 12 or 24 channels."""
-    from core.layers import _pixels_per_group
+    """The BatchNorm's own `_runs_grouped` asked as if x were 16-bit: a float32 x whose channels are not a multiple
+    of 16 also takes `_fused_grouped` in training (four kernel calls on 4 or 2 pixels' 48 channels, the ReLU after
+    it inside) instead of the float32 kernel on its own 12 or 24 channels."""
+    import tensorflow as tf
 
-    def runs_grouped(shape, dtype, training):
-        channels = layer.moving_mean.shape[0]
-        return (training and layer._runs_kernel(training) and shape.rank == 4 and channels % 16 != 0
-                and _pixels_per_group(channels, shape[2]) is not None)
-
-    return runs_grouped
+    runs_grouped = layer._runs_grouped
+    return lambda shape, dtype, training: runs_grouped(shape, tf.bfloat16, training)
 
 
 def batch_norm_between_casts(tf, layer):
